@@ -1,0 +1,164 @@
+//! The servable form of one config: its routes with their concurrency
+//! gates. Built off the request path and swapped whole on reload, so a
+//! request sees one consistent config from start to end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Config, ConfigError, ConfigErrors, Route};
+use crate::plugin::Plugins;
+
+/// Everything a request needs, for one config generation.
+pub struct App {
+    pub config: Arc<Config>,
+    pub routes: Vec<RouteSlot>,
+    /// The daemon-wide cap on commands running at once.
+    pub global: Arc<Gate>,
+    /// The config's plugins, compiled and linked.
+    pub plugins: Arc<Plugins>,
+}
+
+/// A route and its own cap, when it has one.
+pub struct RouteSlot {
+    pub route: Arc<Route>,
+    pub gate: Option<Arc<Gate>>,
+}
+
+/// What a request path and method resolve to.
+pub enum Lookup<'a> {
+    Found(&'a RouteSlot, Vec<(String, String)>),
+    /// The path exists, the method does not; the methods that do.
+    WrongMethod(Vec<String>),
+    NotFound,
+}
+
+impl App {
+    /// Builds the servable form of a config, compiling its plugins and
+    /// checking their configs; plugin errors carry the plugin's position.
+    pub fn build(config: Arc<Config>) -> Result<Self, ConfigErrors> {
+        let plugins = Plugins::load(&config.plugins).map_err(|errors| {
+            let file: Arc<str> = config.source.display().to_string().into();
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|(spec, message)| ConfigError {
+                        file: file.clone(),
+                        pos: spec.pos,
+                        field: format!("plugins.{}", spec.name),
+                        message,
+                    })
+                    .collect(),
+            )
+        })?;
+        Ok(Self::with_plugins(config, Arc::new(plugins)))
+    }
+
+    /// Builds with plugins already loaded.
+    pub fn with_plugins(config: Arc<Config>, plugins: Arc<Plugins>) -> Self {
+        let limits = &config.limits;
+        let global = Arc::new(Gate::new(
+            limits.max_concurrency,
+            limits.queue,
+            limits.queue_timeout,
+        ));
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteSlot {
+                route: r.clone(),
+                gate: r
+                    .max_concurrency
+                    .map(|n| Arc::new(Gate::new(n, limits.queue, limits.queue_timeout))),
+            })
+            .collect();
+        App {
+            config,
+            routes,
+            global,
+            plugins,
+        }
+    }
+
+    /// Finds the route for a request. Among routes whose url matches, the
+    /// one with the fewest `{params}` wins, so `/items/new` beats
+    /// `/items/{id}` whatever the file order.
+    pub fn lookup(&self, method: &str, path: &str) -> Lookup<'_> {
+        let mut best: Option<(&RouteSlot, Vec<(String, String)>)> = None;
+        let mut allowed: Vec<String> = Vec::new();
+        for slot in &self.routes {
+            let Some(params) = slot.route.url.matches(path) else {
+                continue;
+            };
+            if slot.route.methods.iter().any(|m| m == method) {
+                if best.as_ref().is_none_or(|(_, p)| params.len() < p.len()) {
+                    best = Some((slot, params));
+                }
+            } else {
+                allowed.extend(slot.route.methods.iter().cloned());
+            }
+        }
+        match best {
+            Some((slot, params)) => Lookup::Found(slot, params),
+            None if !allowed.is_empty() => {
+                allowed.sort();
+                allowed.dedup();
+                Lookup::WrongMethod(allowed)
+            }
+            None => Lookup::NotFound,
+        }
+    }
+}
+
+/// Why a request could not get a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// The wait queue is full.
+    QueueFull,
+    /// It waited `queue-timeout` without a slot coming free.
+    Timeout,
+}
+
+/// A concurrency cap with a bounded wait queue.
+pub struct Gate {
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue: usize,
+    queue_timeout: Duration,
+}
+
+impl Gate {
+    pub fn new(slots: usize, queue: usize, queue_timeout: Duration) -> Self {
+        Gate {
+            slots: Arc::new(Semaphore::new(slots)),
+            waiting: AtomicUsize::new(0),
+            queue,
+            queue_timeout,
+        }
+    }
+
+    /// Takes a slot, waiting in the queue when none is free.
+    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, Busy> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Busy::QueueFull);
+        }
+        let waited =
+            tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Busy::Timeout),
+        }
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,333 @@
+//! The HTTP intake: hyper HTTP/1.1 connections in, one [`Invocation`] per
+//! request, the pipeline's [`Reply`] out.
+//!
+//! Routing is our own rather than a framework router: the route table comes
+//! from the config and is swapped whole on reload, and 404/405 answers must
+//! be problem+json with `Allow` computed from that table.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, Busy, Lookup};
+use crate::config::percent_decode;
+use crate::ids;
+use crate::pipeline::{self, HttpOrigin, Invocation, Origin, Reply};
+use crate::problem;
+
+/// A bound listener: TCP, or a unix socket behind a reverse proxy.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// The address to print: `127.0.0.1:8080` or `unix:/run/execd.sock`.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+}
+
+/// What every connection shares.
+pub struct Shared {
+    /// The current config generation.
+    pub app: Arc<ArcSwap<App>>,
+    /// Cancelled when the drain deadline passes: running commands are killed.
+    pub abort: CancellationToken,
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting and waits for
+/// open requests to finish (the caller bounds that wait with the drain
+/// deadline and cancels `abort` when it passes).
+pub async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let header_timeout = shared.app.load().config.limits.header_timeout;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = accept(&listener) => {
+                let (io, remote) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let remote: Arc<str> = remote.into();
+                let svc = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    let remote = remote.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, req, &remote).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(io, svc);
+                let watched = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = watched.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+type Io = TokioIo<Box<dyn IoStream>>;
+trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Io, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((
+                TokioIo::new(Box::new(s) as Box<dyn IoStream>),
+                addr.to_string(),
+            ))
+        }
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((
+                TokioIo::new(Box::new(s) as Box<dyn IoStream>),
+                "unix".to_string(),
+            ))
+        }
+    }
+}
+
+/// One request, start to finish. Never fails: every error is a reply.
+pub async fn handle(
+    shared: &Shared,
+    req: Request<Incoming>,
+    remote: &str,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let request_id: Arc<str> = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| ids::is_sane_request_id(s))
+        .map(Into::into)
+        .unwrap_or_else(|| ids::request_id().into());
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let app = shared.app.load_full();
+    let (route_name, reply) = match route_request(&app, shared, req, remote, &request_id).await {
+        Ok((name, reply)) => (name, reply),
+        Err(reply) => (None, reply),
+    };
+    tracing::info!(
+        route = route_name.as_deref().unwrap_or("-"),
+        request_id = %request_id,
+        method = %method,
+        path = %path,
+        status = reply.status,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    to_response(reply, &request_id)
+}
+
+async fn route_request(
+    app: &App,
+    shared: &Shared,
+    req: Request<Incoming>,
+    remote: &str,
+    request_id: &Arc<str>,
+) -> Result<(Option<Arc<str>>, Reply), Reply> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let (slot, params) = match app.lookup(&method, &path) {
+        Lookup::Found(slot, params) => (slot, params),
+        Lookup::WrongMethod(allowed) => {
+            let mut r = problem::reply(
+                405,
+                "method-not-allowed",
+                "Method not allowed",
+                &format!(
+                    "{method} is not served at {path}; allowed: {}",
+                    allowed.join(", ")
+                ),
+                request_id,
+            );
+            r.headers.push(("allow".into(), allowed.join(", ")));
+            return Err(r);
+        }
+        Lookup::NotFound => {
+            return Err(problem::reply(
+                404,
+                "not-found",
+                "Not found",
+                &format!("no route serves {path}"),
+                request_id,
+            ));
+        }
+    };
+    let route = &slot.route;
+    let route_name: Arc<str> = route.name.as_str().into();
+    let raw_query = req.uri().query().unwrap_or("").to_string();
+    let query = parse_query(&raw_query).ok_or_else(|| {
+        problem::reply(
+            400,
+            "bad-request",
+            "Bad request",
+            "the query string has a malformed %-escape or is not UTF-8",
+            request_id,
+        )
+    })?;
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let protocol = match req.version() {
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+
+    // Refuse an oversized body before reading any of it.
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_body) {
+        return Err(too_large(route.max_body, request_id));
+    }
+    let body = match Limited::new(req.into_body(), route.max_body as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large(route.max_body, request_id));
+        }
+        Err(e) => {
+            return Err(problem::reply(
+                400,
+                "bad-request",
+                "Bad request",
+                &format!("cannot read the request body: {e}"),
+                request_id,
+            ));
+        }
+    };
+
+    // Route cap first, then the global one: a busy route cannot take every
+    // global slot while it waits.
+    let _route_permit = match &slot.gate {
+        Some(g) => Some(g.enter().await.map_err(|b| busy(b, request_id))?),
+        None => None,
+    };
+    let _global_permit = app.global.enter().await.map_err(|b| busy(b, request_id))?;
+
+    let inv = Invocation {
+        route: route_name.clone(),
+        request_id: request_id.clone(),
+        origin: Origin::Http(HttpOrigin {
+            method,
+            path,
+            query: raw_query,
+            remote_addr: remote.to_string(),
+            protocol,
+        }),
+        headers,
+        params,
+        query,
+        vars: Vec::new(),
+        body,
+    };
+    let reply = match pipeline::execute(&route.command, &app.plugins, inv, &shared.abort).await {
+        Ok(done) => done.reply,
+        Err(f) => f.to_reply(request_id),
+    };
+    Ok((Some(route_name), reply))
+}
+
+fn too_large(limit: u64, request_id: &str) -> Reply {
+    problem::reply(
+        413,
+        "payload-too-large",
+        "Payload too large",
+        &format!("the request body is larger than this route's max-body of {limit} bytes"),
+        request_id,
+    )
+}
+
+fn busy(b: Busy, request_id: &str) -> Reply {
+    let detail = match b {
+        Busy::QueueFull => "too many requests are waiting; try again shortly",
+        Busy::Timeout => "no command slot came free in time; try again shortly",
+    };
+    let mut r = problem::reply(503, "busy", "Service busy", detail, request_id);
+    r.headers.push(("retry-after".into(), "1".into()));
+    r
+}
+
+/// Decodes `a=1&b=x+y` (form encoding: `+` is a space).
+pub fn parse_query(q: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.push((
+            percent_decode(&k.replace('+', " "))?,
+            percent_decode(&v.replace('+', " "))?,
+        ));
+    }
+    Some(out)
+}
+
+fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(reply.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    for (k, v) in reply.headers {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::warn!(request_id, header = %k, "dropped a header that is not valid HTTP"),
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
+    }
+    resp
+}

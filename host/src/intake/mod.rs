@@ -1,0 +1,5 @@
+//! The intakes: thin adapters from a protocol to an
+//! [`Invocation`](crate::pipeline::Invocation) and back.
+
+pub mod amqp;
+pub mod http;

@@ -1,0 +1,115 @@
+//! The `execd` binary: exit codes, `check`, `run`, and signals.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::util::*;
+
+fn execd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_execd"))
+}
+
+#[test]
+fn check_prints_the_route_table() {
+    let out = execd()
+        .args(["check", "-c"])
+        .arg(repo().join("config/execd.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("/template-new"), "{stdout}");
+    assert!(stdout.contains("php addtemplate.php '${body}'"), "{stdout}");
+}
+
+#[test]
+fn check_exits_64_with_every_error() {
+    let (_dir, path) = write_config("routes:\n  - url: nope\n    cmd: /bin/true\n    bogus: 1\n");
+    let out = execd().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 errors in config"), "{stderr}");
+    assert!(
+        stderr.contains("execd.yaml:2:10: routes[0].url: \"nope\" must start with `/`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("execd.yaml:4:5: routes[0].bogus: unknown field"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_invokes_one_route_without_a_server() {
+    let out = execd()
+        .args(["run", "-c"])
+        .arg(repo().join("config/execd.yaml"))
+        .args(["POST", "/upper", "--body", "quiet please"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "QUIET PLEASE");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 200"));
+    let out = execd()
+        .args(["run", "-c"])
+        .arg(repo().join("config/execd.yaml"))
+        .args(["GET", "/nowhere"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route serves /nowhere"));
+}
+
+#[test]
+fn serve_drains_on_sigterm_and_exits_zero() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (_dir, path) = write_config(&format!(
+        "listen: 127.0.0.1:{port}\nroutes:\n  - url: /s\n    cmd: /bin/sleep 1\n  - url: /x\n    cmd: /bin/echo x\n"
+    ));
+    let mut child = execd()
+        .args(["serve", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut up = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "execd did not start listening");
+        assert_eq!(request(&addr, "GET", "/x", &[], b"").await.status, 200);
+        let a = addr.clone();
+        let inflight = tokio::spawn(async move { request(&a, "GET", "/s", &[], b"").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(
+            inflight.await.unwrap().status,
+            200,
+            "the running request completes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            tokio::net::TcpStream::connect(&addr).await.is_err(),
+            "no longer accepting"
+        );
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,101 @@
+//! Nothing a command starts outlives its request.
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn read_pids(path: &std::path::Path) -> (i32, i32, i32) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: Vec<i32> = text
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_group_including_term_ignoring_grandchildren() {
+    let server = start(
+        r#"
+  - url: /fork
+    timeout: 500ms
+    kill-grace: 200ms
+    cmd: {fixtures}/forker.sh {dir}/pids
+"#,
+    )
+    .await;
+    let started = Instant::now();
+    server.get("/fork").await.problem(504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (child, grandchild, pgid) = read_pids(&server.dir.path().join("pids"));
+    assert_eq!(child, pgid, "the command leads its own process group");
+    assert!(
+        eventually(Duration::from_secs(3), || !process_exists(child)
+            && !process_exists(grandchild))
+        .await,
+        "a process survived (or was left a zombie): child {child} {}, grandchild {grandchild} {}",
+        process_exists(child),
+        process_exists(grandchild)
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || !group_exists(pgid)).await,
+        "process group {pgid} still has members"
+    );
+}
+
+#[tokio::test]
+async fn background_processes_die_with_their_command() {
+    // The command exits at once but leaves a grandchild running in the
+    // background: it must not survive the request.
+    // `$$` is a literal `$` in cmd: `$!` and `$1` are the shell's own.
+    let script = r#"sleep 300 & echo $$! > "$$1"; echo done"#;
+    let server = start(&format!(
+        r#"
+  - url: /bg
+    cmd: /bin/sh -c '{script}' sh {{dir}}/bgpid
+"#
+    ))
+    .await;
+    let r = server.get("/bg").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "done\n"));
+    let pid: i32 = std::fs::read_to_string(server.dir.path().join("bgpid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || !process_exists(pid)).await,
+        "background process {pid} survived its request"
+    );
+}
+
+#[tokio::test]
+async fn drain_lets_running_commands_finish_then_kills_the_rest() {
+    let server = start(
+        r#"
+  - url: /s
+    cmd: /bin/sleep ${query.t}
+"#,
+    )
+    .await;
+    let addr = server.addr.clone();
+    let short = tokio::spawn({
+        let addr = addr.clone();
+        async move { request(&addr, "GET", "/s?t=0.5", &[], b"").await }
+    });
+    let long = tokio::spawn(async move { request(&addr, "GET", "/s?t=30", &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    server.stop(Duration::from_secs(1)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        short.await.unwrap().status,
+        200,
+        "a command within the drain deadline finishes"
+    );
+    long.await.unwrap().problem(503);
+}
