@@ -1,0 +1,367 @@
+//! The WebAssembly plugin host: components compiled once at load, linked
+//! once (`InstancePre`), and run in a fresh store per call with an epoch
+//! deadline, a memory cap and a WASI context that grants nothing.
+//!
+//! The contract is `wit/execd-plugin.wit`. A plugin exports `config` and
+//! one or both of `pre` and `post`; which phases it has is read from its
+//! exports at load.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::config::{OnError, PluginSpec};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit/execd-plugin.wit",
+        world: "plugin",
+    });
+}
+
+pub use bindings::execd::plugin::types as wit;
+use bindings::exports::execd::plugin::{
+    config as config_export, post as post_export, pre as pre_export,
+};
+
+/// How often the epoch ticks: the granularity of plugin deadlines.
+const TICK: Duration = Duration::from_millis(2);
+
+/// The largest memory any plugin may be given (`memory:` in the config).
+pub const MAX_PLUGIN_MEMORY: u64 = 256 * 1024 * 1024;
+
+/// Log lines one call may write before the rest are dropped.
+const LOG_LINES_PER_CALL: u32 = 20;
+
+/// The engine every plugin runs on, shared across config reloads so the
+/// pooling allocator's slots are reserved once.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(512)
+            .total_tables(1024)
+            .max_memory_size(MAX_PLUGIN_MEMORY as usize)
+            // Reset a slot's memory by rewriting the pages a call touched
+            // instead of unmapping: calls touch little, and page faults on
+            // fresh mappings cost more than a memset of a few KiB.
+            .linear_memory_keep_resident(64 * 1024)
+            .table_keep_resident(16 * 1024);
+        let mut cfg = wasmtime::Config::new();
+        cfg.epoch_interruption(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true)
+            .max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&cfg).expect("the plugin engine configuration is valid");
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("execd-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("spawn the epoch ticker");
+        engine
+    })
+}
+
+/// What one plugin call may use and see; lives as long as the call's store.
+pub struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    plugin: Arc<str>,
+    route: Arc<str>,
+    request_id: Arc<str>,
+    log_lines: u32,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::execd::plugin::log::Host for CallState {
+    fn log(&mut self, level: bindings::execd::plugin::log::Level, message: String) {
+        use bindings::execd::plugin::log::Level;
+        self.log_lines += 1;
+        if self.log_lines > LOG_LINES_PER_CALL {
+            if self.log_lines == LOG_LINES_PER_CALL + 1 {
+                tracing::warn!(plugin = %self.plugin, route = %self.route, request_id = %self.request_id, "plugin log limit reached; dropping further lines of this call");
+            }
+            return;
+        }
+        let message: String = message.chars().take(2048).collect();
+        let (p, r, id) = (&*self.plugin, &*self.route, &*self.request_id);
+        match level {
+            Level::Trace => tracing::trace!(plugin = p, route = r, request_id = id, "{message}"),
+            Level::Debug => tracing::debug!(plugin = p, route = r, request_id = id, "{message}"),
+            Level::Info => tracing::info!(plugin = p, route = r, request_id = id, "{message}"),
+            Level::Warn => tracing::warn!(plugin = p, route = r, request_id = id, "{message}"),
+            Level::Error => tracing::error!(plugin = p, route = r, request_id = id, "{message}"),
+        }
+    }
+}
+
+/// Why a plugin call produced no result.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The plugin returned an error of its own.
+    #[error("{0}")]
+    Rejected(String),
+    /// It ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// It trapped (including running out of memory).
+    #[error("trapped: {0}")]
+    Trap(String),
+}
+
+/// A loaded, linked plugin.
+pub struct Plugin {
+    pub spec: PluginSpec,
+    name: Arc<str>,
+    instance_pre: InstancePre<CallState>,
+    pre: Option<pre_export::GuestIndices>,
+    post: Option<post_export::GuestIndices>,
+    config: config_export::GuestIndices,
+    deadline_ticks: u64,
+}
+
+/// Per-call facts that are not part of the invocation.
+pub struct CallInfo<'a> {
+    pub route: &'a Arc<str>,
+    pub request_id: &'a Arc<str>,
+    pub origin: wit::Origin,
+}
+
+impl Plugin {
+    /// Compiles and links a plugin, then checks its config through its own
+    /// `validate` export.
+    pub fn load(spec: &PluginSpec) -> anyhow::Result<Plugin> {
+        use anyhow::Context;
+        if spec.memory > MAX_PLUGIN_MEMORY {
+            anyhow::bail!(
+                "memory {} is over the maximum of {MAX_PLUGIN_MEMORY} bytes",
+                spec.memory
+            );
+        }
+        let engine = engine();
+        let component = Component::from_file(engine, &spec.path)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "cannot load {} as a WebAssembly component",
+                    spec.path.display()
+                )
+            })?;
+        let mut linker: Linker<CallState> = Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::execd::plugin::log::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |s| s,
+        )?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                "the component imports something execd does not provide (plugins may import only \
+             execd:plugin/log and WASI)"
+            })?;
+        let config = config_export::GuestIndices::new(&instance_pre).map_err(|_| {
+            anyhow::anyhow!(
+                "the component does not export execd:plugin/config@0.1.0; is it built against this version of wit/execd-plugin.wit?"
+            )
+        })?;
+        let pre = pre_export::GuestIndices::new(&instance_pre).ok();
+        let post = post_export::GuestIndices::new(&instance_pre).ok();
+        if pre.is_none() && post.is_none() {
+            anyhow::bail!(
+                "the component exports neither execd:plugin/pre@0.1.0 nor execd:plugin/post@0.1.0"
+            );
+        }
+        let deadline_ticks = (spec.timeout.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        let plugin = Plugin {
+            spec: spec.clone(),
+            name: spec.name.as_str().into(),
+            instance_pre,
+            pre,
+            post,
+            config,
+            deadline_ticks,
+        };
+        let route: Arc<str> = "(load)".into();
+        let mut store = plugin.store(&route, &route);
+        let instance = plugin.instantiate(&mut store)?;
+        let guest = plugin.config.load(&mut store, &instance)?;
+        match guest.call_validate(&mut store, &spec.config) {
+            Ok(Ok(())) => Ok(plugin),
+            Ok(Err(msg)) => anyhow::bail!("config rejected by the plugin: {msg}"),
+            Err(e) => Err(plugin.classify(e).into()),
+        }
+    }
+
+    pub fn has_pre(&self) -> bool {
+        self.pre.is_some()
+    }
+
+    pub fn has_post(&self) -> bool {
+        self.post.is_some()
+    }
+
+    pub fn on_error(&self) -> OnError {
+        self.spec.on_error
+    }
+
+    fn store(&self, route: &Arc<str>, request_id: &Arc<str>) -> Store<CallState> {
+        let state = CallState {
+            // Nothing granted: no preopened directories, no environment, no
+            // arguments, no sockets, stdio discarded.
+            wasi: WasiCtx::builder()
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.spec.memory as usize)
+                .instances(64)
+                .tables(64)
+                .memories(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            plugin: self.name.clone(),
+            route: route.clone(),
+            request_id: request_id.clone(),
+            log_lines: 0,
+        };
+        let mut store = Store::new(engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn instantiate(
+        &self,
+        store: &mut Store<CallState>,
+    ) -> Result<wasmtime::component::Instance, PluginError> {
+        self.instance_pre
+            .instantiate(&mut *store)
+            .map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, e: wasmtime::Error) -> PluginError {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => PluginError::Timeout(self.spec.timeout),
+            _ => PluginError::Trap(format!("{e:#}")),
+        }
+    }
+
+    fn context(&self, info: &CallInfo<'_>) -> wit::Context {
+        wit::Context {
+            route: info.route.to_string(),
+            request_id: info.request_id.to_string(),
+            origin: info.origin.clone(),
+            config: self.spec.config.clone(),
+        }
+    }
+
+    /// Runs the pre phase.
+    pub fn call_pre(
+        &self,
+        info: &CallInfo<'_>,
+        inv: &wit::Invocation,
+    ) -> Result<wit::Decision, PluginError> {
+        let indices = self
+            .pre
+            .as_ref()
+            .expect("call_pre on a plugin without a pre phase");
+        let mut store = self.store(info.route, info.request_id);
+        let instance = self.instantiate(&mut store)?;
+        let guest = indices
+            .load(&mut store, &instance)
+            .map_err(|e| self.classify(e))?;
+        let ctx = self.context(info);
+        match guest.call_pre(&mut store, &ctx, inv) {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(msg)) => Err(PluginError::Rejected(msg)),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+
+    /// Runs the post phase.
+    pub fn call_post(
+        &self,
+        info: &CallInfo<'_>,
+        inv: &wit::Invocation,
+        outcome: &wit::Outcome,
+        reply: &wit::Reply,
+    ) -> Result<wit::Reply, PluginError> {
+        let indices = self
+            .post
+            .as_ref()
+            .expect("call_post on a plugin without a post phase");
+        let mut store = self.store(info.route, info.request_id);
+        let instance = self.instantiate(&mut store)?;
+        let guest = indices
+            .load(&mut store, &instance)
+            .map_err(|e| self.classify(e))?;
+        let ctx = self.context(info);
+        match guest.call_post(&mut store, &ctx, inv, outcome, reply) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(msg)) => Err(PluginError::Rejected(msg)),
+            Err(e) => Err(self.classify(e)),
+        }
+    }
+}
+
+/// The plugins of one config generation, by name.
+#[derive(Default)]
+pub struct Plugins {
+    by_name: HashMap<String, Arc<Plugin>>,
+}
+
+impl Plugins {
+    /// Loads every plugin of a config; the errors name each plugin.
+    pub fn load(specs: &[PluginSpec]) -> Result<Plugins, Vec<(PluginSpec, String)>> {
+        let mut by_name = HashMap::new();
+        let mut errors = Vec::new();
+        for spec in specs {
+            let started = Instant::now();
+            match Plugin::load(spec) {
+                Ok(p) => {
+                    tracing::debug!(plugin = %spec.name, ms = started.elapsed().as_millis() as u64, pre = p.has_pre(), post = p.has_post(), "plugin loaded");
+                    by_name.insert(spec.name.clone(), Arc::new(p));
+                }
+                Err(e) => errors.push((spec.clone(), format!("{e:#}"))),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Plugins { by_name })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.by_name.get(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}

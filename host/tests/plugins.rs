@@ -1,0 +1,491 @@
+//! The real plugins (built for wasm32-wasip2 by `make plugins`) on the real
+//! wasmtime host, end to end through HTTP.
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// Path of a built plugin; `make test` builds them first.
+pub fn wasm(name: &str) -> String {
+    let p = repo().join("plugins/dist").join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make plugins` (make test does)",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+fn plugins_yaml(entries: &[(&str, &str, &str)]) -> String {
+    let mut s = String::from("plugins:\n");
+    for (name, file, rest) in entries {
+        s.push_str(&format!("  {name}:\n    path: {}\n{rest}", wasm(file)));
+    }
+    s
+}
+
+#[tokio::test]
+async fn hostile_plugin_cannot_hang_exhaust_or_escape() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n{}",
+        plugins_yaml(&[
+            (
+                "loop",
+                "hostile",
+                "    timeout: 50ms\n    config: {mode: loop}\n"
+            ),
+            (
+                "alloc",
+                "hostile",
+                "    memory: 8MiB\n    config: {mode: alloc}\n"
+            ),
+            ("trap", "hostile", "    config: {mode: trap}\n"),
+            ("fails", "hostile", "    config: {mode: error}\n"),
+            (
+                "skipped",
+                "hostile",
+                "    on-error: skip\n    config: {mode: error}\n"
+            ),
+            ("file", "hostile", "    config: {mode: file}\n"),
+            ("env", "hostile", "    config: {mode: env}\n"),
+            ("socket", "hostile", "    config: {mode: socket}\n"),
+        ]),
+        [
+            "loop", "alloc", "trap", "fails", "skipped", "file", "env", "socket"
+        ]
+        .iter()
+        .map(|p| format!("  - url: /{p}\n    pre: [{p}]\n    cmd: /bin/echo ran\n"))
+        .collect::<String>()
+            + "  - url: /ok\n    cmd: /bin/echo ok\n"
+    );
+    let server = start(&yaml).await;
+    let healthy = |s: &Server| {
+        let addr = s.addr.clone();
+        async move {
+            let r = request(&addr, "GET", "/ok", &[], b"").await;
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (200, "ok\n"),
+                "daemon unhealthy after a hostile call"
+            );
+        }
+    };
+
+    let started = Instant::now();
+    let p = server.get("/loop").await.problem(500);
+    assert_eq!(p["type"], "urn:execd:problem:plugin-failed");
+    assert!(
+        started.elapsed() < Duration::from_millis(50 + 450),
+        "loop stopped after {:?}",
+        started.elapsed()
+    );
+    healthy(&server).await;
+
+    server.get("/alloc").await.problem(500);
+    healthy(&server).await;
+    server.get("/trap").await.problem(500);
+    healthy(&server).await;
+    server.get("/fails").await.problem(500);
+    let r = server.get("/skipped").await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "ran\n"),
+        "on-error: skip runs the command"
+    );
+
+    // Each attempt to reach outside is denied, and the plugin says so.
+    for mode in ["file", "env", "socket"] {
+        let r = server.get(&format!("/{mode}")).await;
+        assert_eq!(r.status, 200, "{mode}: {}", r.text());
+        let out = r.json();
+        let results = out["results"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{mode}: {out}"));
+        assert!(!results.is_empty(), "{mode}: no attempts made");
+        for attempt in results {
+            assert_eq!(attempt["ok"], false, "{mode}: {attempt} was allowed");
+        }
+        healthy(&server).await;
+    }
+    assert!(
+        !std::path::Path::new("/tmp/execd-hostile-canary").exists(),
+        "a plugin wrote a file"
+    );
+    // The loop is still stopped after many calls: nothing wedged.
+    for _ in 0..5 {
+        server.get("/loop").await.problem(500);
+    }
+    healthy(&server).await;
+}
+
+#[tokio::test]
+async fn bad_plugin_config_stops_loading_with_the_plugins_message() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes: []\n",
+        plugins_yaml(&[("auth", "api-key", "    config: {keys: [], header: 7}\n")])
+    );
+    let (_dir, path) = write_config(&yaml);
+    let config = execd::config::load(&path).unwrap();
+    let err = execd::app::App::build(std::sync::Arc::new(config))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("execd.yaml:3:3: plugins.auth: config rejected by the plugin"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn api_key_guards_a_route() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /secret\n    pre: [auth]\n    cmd: php {{fixtures}}/argv.php\n",
+        plugins_yaml(&[(
+            "auth",
+            "api-key",
+            "    config:\n      keys: [{key: k-123, id: alice}, k-456]\n"
+        )])
+    );
+    let server = start(&yaml).await;
+    let r = server.get("/secret").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.header("www-authenticate").is_some());
+    assert_eq!(
+        server
+            .req("GET", "/secret", &[("X-Api-Key", "wrong")], b"")
+            .await
+            .status,
+        401
+    );
+    let r = server
+        .req("GET", "/secret", &[("X-Api-Key", "k-123")], b"")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["env"]["EXECD_VAR_API_KEY_ID"], "alice");
+    assert_eq!(
+        server
+            .req("GET", "/secret", &[("X-Api-Key", "k-456")], b"")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn json_map_picks_fields_and_rejects_missing_ones() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /m\n    method: POST\n    pre: [map]\n    cmd: php {{fixtures}}/argv.php ${{var.user}}\n",
+        plugins_yaml(&[(
+            "map",
+            "json-map",
+            "    config:\n      fields:\n        user: {pointer: /user/id, required: true}\n        tag: {pointer: /tag, default: none}\n      body: {who: \"${/user/id}\", all: \"${/user}\"}\n"
+        )])
+    );
+    let server = start(&yaml).await;
+    let r = server.post("/m", br#"{"user":{"id":"u-7","n":1}}"#).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(
+        b64(out["argv"][0].as_str().unwrap()),
+        b"u-7",
+        "${{var.user}} filled from /user/id"
+    );
+    assert_eq!(out["env"]["EXECD_VAR_TAG"], "none");
+    let body: serde_json::Value =
+        serde_json::from_slice(&b64(out["stdin"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"who": "u-7", "all": {"id": "u-7", "n": 1}})
+    );
+    let p = server.post("/m", br#"{"user":{}}"#).await.problem(400);
+    assert!(p["detail"].as_str().unwrap().contains("/user/id"), "{p}");
+    let p = server.post("/m", b"{not json").await.problem(400);
+    assert!(p["detail"].as_str().unwrap().contains("not JSON"), "{p}");
+}
+
+#[tokio::test]
+async fn response_shape_wraps_output_in_an_envelope() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /e\n    post: [shape]\n    cmd: {{fixtures}}/exit.sh hi ${{query.code}}\n",
+        plugins_yaml(&[(
+            "shape",
+            "response-shape",
+            "    config:\n      mode: envelope\n      headers: {X-Shaped: \"yes\"}\n      status-map: {\"0\": 200, \"3\": 404, \"*\": 502}\n"
+        )])
+    );
+    let server = start(&yaml).await;
+    let r = server.get("/e?code=0").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-shaped"), Some("yes"));
+    let env = r.json();
+    assert_eq!(env["data"], "out:hi\n");
+    assert_eq!(env["exit_code"], 0);
+    assert_eq!(env["request_id"].as_str(), r.header("x-request-id"));
+    let r = server.get("/e?code=3").await;
+    assert_eq!((r.status, r.json()["exit_code"].as_i64()), (404, Some(3)));
+    assert_eq!(server.get("/e?code=9").await.status, 502);
+}
+
+/// Runs the openssl command line: an independent implementation to sign
+/// with, so the plugins are checked against something other than themselves.
+fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl {args:?} failed");
+    out.stdout
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn b64url(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &x)| acc | (x as u32) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn hmac_signature_checks_github_style_signatures() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /hook\n    method: POST\n    pre: [sig, stamped]\n    cmd: /bin/cat\n  - url: /gh\n    method: POST\n    pre: [sig]\n    cmd: /bin/cat\n",
+        plugins_yaml(&[
+            (
+                "sig",
+                "hmac-signature",
+                "    config: {secret: \"${EXECD_TEST_HOOK_SECRET:-s3cr3t}\"}\n"
+            ),
+            (
+                "stamped",
+                "hmac-signature",
+                "    config: {secret: other, header: X-Sig, prefix: \"\", encoding: base64, timestamp-header: X-Timestamp, tolerance-seconds: 60, signed-payload: timestamp.body}\n"
+            ),
+        ])
+    );
+    let server = start(&yaml).await;
+    let body = br#"{"action":"opened"}"#;
+    let sig = format!(
+        "sha256={}",
+        hex(&openssl(
+            &["dgst", "-sha256", "-hmac", "s3cr3t", "-binary"],
+            body
+        ))
+    );
+    let r = server
+        .req("POST", "/gh", &[("X-Hub-Signature-256", &sig)], body)
+        .await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &body[..]),
+        "{}",
+        r.text()
+    );
+    let mut tampered = body.to_vec();
+    tampered[3] ^= 1;
+    assert_eq!(
+        server
+            .req("POST", "/gh", &[("X-Hub-Signature-256", &sig)], &tampered)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        server.post("/gh", body).await.status,
+        401,
+        "a missing signature is refused"
+    );
+
+    // Timestamped, base64: fresh passes, stale is refused as a replay.
+    let sign = |ts: u64| {
+        let mut payload = format!("{ts}.").into_bytes();
+        payload.extend_from_slice(body);
+        let raw = openssl(&["dgst", "-sha256", "-hmac", "other", "-binary"], &payload);
+        openssl(&["base64", "-A"], &raw)
+    };
+    let ts = now();
+    let s = String::from_utf8(sign(ts)).unwrap();
+    let fresh = [
+        ("X-Hub-Signature-256", sig.as_str()),
+        ("X-Sig", s.as_str()),
+        ("X-Timestamp", &ts.to_string()),
+    ];
+    assert_eq!(server.req("POST", "/hook", &fresh, body).await.status, 200);
+    let old = ts - 3600;
+    let s = String::from_utf8(sign(old)).unwrap();
+    let stale = [
+        ("X-Hub-Signature-256", sig.as_str()),
+        ("X-Sig", s.as_str()),
+        ("X-Timestamp", &old.to_string()),
+    ];
+    let r = server.req("POST", "/hook", &stale, body).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.text().contains("tolerance") || r.text().contains("timestamp"),
+        "{}",
+        r.text()
+    );
+}
+
+#[tokio::test]
+async fn jwt_verifies_hs256_and_rs256_and_exposes_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let key_s = key.display().to_string();
+    openssl(&["genrsa", "-out", &key_s, "2048"], b"");
+    let public = String::from_utf8(openssl(&["rsa", "-in", &key_s, "-pubout"], b"")).unwrap();
+    let indented: String = public.lines().map(|l| format!("        {l}\n")).collect();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /hs\n    pre: [hs]\n    cmd: php {{fixtures}}/argv.php\n  - url: /rs\n    pre: [rs]\n    cmd: php {{fixtures}}/argv.php\n",
+        plugins_yaml(&[
+            (
+                "hs",
+                "jwt",
+                "    config:\n      secret: hs-secret-of-at-least-32-bytes-long\n      algorithms: [HS256]\n      issuer: execd-tests\n      audience: api\n      claims: {sub: user_id, role: role}\n"
+            ),
+            (
+                "rs",
+                "jwt",
+                &format!(
+                    "    config:\n      algorithms: [RS256]\n      public-key: |\n{indented}      claims: {{sub: user_id}}\n"
+                )
+            ),
+        ])
+    );
+    let server = start(&yaml).await;
+    let token = |alg: &str, claims: serde_json::Value, sign: &dyn Fn(&[u8]) -> Vec<u8>| {
+        let head = b64url(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#).as_bytes());
+        let body = b64url(claims.to_string().as_bytes());
+        let input = format!("{head}.{body}");
+        let sig = b64url(&sign(input.as_bytes()));
+        format!("Bearer {input}.{sig}")
+    };
+    let hs = |data: &[u8]| {
+        openssl(
+            &[
+                "dgst",
+                "-sha256",
+                "-hmac",
+                "hs-secret-of-at-least-32-bytes-long",
+                "-binary",
+            ],
+            data,
+        )
+    };
+    let rs = |data: &[u8]| openssl(&["dgst", "-sha256", "-sign", &key_s], data);
+    let good = serde_json::json!({"sub": "u-1", "role": "admin", "iss": "execd-tests", "aud": "api", "exp": now() + 300});
+
+    let r = server
+        .req(
+            "GET",
+            "/hs",
+            &[("Authorization", &token("HS256", good.clone(), &hs))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["env"]["EXECD_VAR_USER_ID"], "u-1");
+    assert_eq!(r.json()["env"]["EXECD_VAR_ROLE"], "admin");
+
+    let expired =
+        serde_json::json!({"sub": "u-1", "iss": "execd-tests", "aud": "api", "exp": now() - 3600});
+    let r = server
+        .req(
+            "GET",
+            "/hs",
+            &[("Authorization", &token("HS256", expired, &hs))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("expired"), "{}", r.text());
+    let wrong_iss =
+        serde_json::json!({"sub": "u-1", "iss": "someone", "aud": "api", "exp": now() + 300});
+    assert_eq!(
+        server
+            .req(
+                "GET",
+                "/hs",
+                &[("Authorization", &token("HS256", wrong_iss, &hs))],
+                b""
+            )
+            .await
+            .status,
+        401
+    );
+    let forged = |_: &[u8]| b"not a signature".to_vec();
+    assert_eq!(
+        server
+            .req(
+                "GET",
+                "/hs",
+                &[("Authorization", &token("HS256", good.clone(), &forged))],
+                b""
+            )
+            .await
+            .status,
+        401
+    );
+    // alg none and algorithm confusion are refused.
+    let none = |_: &[u8]| Vec::new();
+    assert_eq!(
+        server
+            .req(
+                "GET",
+                "/hs",
+                &[("Authorization", &token("none", good.clone(), &none))],
+                b""
+            )
+            .await
+            .status,
+        401
+    );
+    assert_eq!(server.get("/hs").await.status, 401);
+
+    let r = server
+        .req(
+            "GET",
+            "/rs",
+            &[("Authorization", &token("RS256", good.clone(), &rs))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["env"]["EXECD_VAR_USER_ID"], "u-1");
+    // An HS256 token signed with the public key as secret must not pass.
+    let confused = |data: &[u8]| openssl(&["dgst", "-sha256", "-hmac", &public, "-binary"], data);
+    assert_eq!(
+        server
+            .req(
+                "GET",
+                "/rs",
+                &[("Authorization", &token("HS256", good, &confused))],
+                b""
+            )
+            .await
+            .status,
+        401
+    );
+}
