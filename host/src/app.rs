@@ -53,6 +53,35 @@ impl App {
                     .collect(),
             )
         })?;
+        let mut errors = Vec::new();
+        for route in &config.routes {
+            for (phase, names) in [("pre", &route.command.pre), ("post", &route.command.post)] {
+                for name in names {
+                    let plugin = plugins
+                        .get(name)
+                        .expect("names were checked against plugins:");
+                    let has = if phase == "pre" {
+                        plugin.has_pre()
+                    } else {
+                        plugin.has_post()
+                    };
+                    if !has {
+                        errors.push(ConfigError {
+                            file: config.source.display().to_string().into(),
+                            pos: route.pos,
+                            field: phase.to_string(),
+                            message: format!(
+                                "route {}: plugin {name} has no {phase} phase",
+                                route.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         Ok(Self::with_plugins(config, Arc::new(plugins)))
     }
 

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::config::{Config, Listen};
+use crate::config::{Config, ConfigErrors, Listen};
 use crate::intake::amqp::{self, Workers};
 use crate::intake::http::{self, Listener, Shared};
 
@@ -23,6 +23,10 @@ pub struct Running {
     server: tokio::task::JoinHandle<()>,
     /// The AMQP consumers, when the config has an `amqp:` section.
     amqp: Option<Workers>,
+    /// Where the admin listener answers, when there is one.
+    pub admin_addr: Option<String>,
+    /// Stops the admin listener after the drain.
+    admin_stop: CancellationToken,
 }
 
 /// Binds the configured listener and starts serving.
@@ -33,9 +37,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr();
     let plugins = app.plugins.clone();
     let amqp_config = app.config.amqp.clone();
+    let admin_listener = match app.config.admin {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
+            format!("cannot listen on {a} (admin: set `admin:` to another address, or off)")
+        })?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         app: Arc::new(ArcSwap::from_pointee(app)),
         abort: CancellationToken::new(),
+        in_flight: Default::default(),
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
@@ -43,12 +54,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // them, never the HTTP intake.
     let amqp =
         amqp_config.map(|c| Workers::start(&c, plugins, shutdown.clone(), shared.abort.clone()));
+    let admin_stop = CancellationToken::new();
+    let admin_addr = admin_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    if let Some(listener) = admin_listener {
+        let state = Arc::new(crate::admin::AdminState {
+            shared: shared.clone(),
+            shutdown: shutdown.clone(),
+            amqp: amqp.as_ref().map(|w| w.health.clone()),
+        });
+        tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
+    }
     Ok(Running {
         addr,
         shutdown,
         shared,
         server,
         amqp,
+        admin_addr,
+        admin_stop,
     })
 }
 
@@ -114,11 +140,99 @@ impl Running {
         if let Listen::Unix(path) = &self.shared.app.load().config.listen {
             let _ = std::fs::remove_file(path);
         }
+        self.admin_stop.cancel();
     }
 
-    /// Runs until `signal` resolves, then drains with the config's deadline.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        signal.await;
+    /// Reads the config file again, compiles it and its plugins off the
+    /// request path, and swaps it in; requests already running finish on
+    /// the config they started with. On any error the old config keeps
+    /// serving and every error is returned.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let old = self.shared.app.load_full();
+        let path = old.config.source.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let config = crate::config::load(&path)?;
+            App::build(Arc::new(config))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigErrors(vec![crate::config::ConfigError {
+                file: old.config.source.display().to_string().into(),
+                pos: Default::default(),
+                field: String::new(),
+                message: format!("reload panicked: {e}"),
+            }]))
+        });
+        match built {
+            Ok(app) => {
+                if app.config.listen != old.config.listen || app.config.admin != old.config.admin {
+                    tracing::warn!(
+                        "listen and admin addresses change only on restart; the old ones stay"
+                    );
+                }
+                if app.config.amqp.is_some() || old.config.amqp.is_some() {
+                    tracing::warn!(
+                        "the amqp section changes only on restart; consumers keep running as they are"
+                    );
+                }
+                let routes = app.config.routes.len();
+                self.shared.app.store(Arc::new(app));
+                crate::metrics::inc("execd_reloads_total", &[("result", "ok")]);
+                tracing::info!(routes, "config reloaded");
+                Ok(())
+            }
+            Err(errors) => {
+                crate::metrics::inc("execd_reloads_total", &[("result", "error")]);
+                for e in &errors.0 {
+                    tracing::error!("reload rejected: {e}");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    "reload rejected; the previous config keeps serving"
+                );
+                Err(errors)
+            }
+        }
+    }
+
+    /// Files whose change should trigger a reload with `--watch`: the config
+    /// and every plugin it names.
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let app = self.shared.app.load();
+        let mut files = vec![app.config.source.clone()];
+        files.extend(app.config.plugins.iter().map(|p| p.path.clone()));
+        files
+    }
+
+    /// Runs until `signal` resolves, reloading on SIGHUP (and on file
+    /// changes with `watch`), then drains with the config's deadline.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>, watch: bool) {
+        use tokio::signal::unix::{SignalKind, signal as unix_signal};
+        let mut hup = unix_signal(SignalKind::hangup()).expect("SIGHUP handler");
+        let mut stamps = file_stamps(&self.watched_files());
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received; reloading");
+                    let _ = self.reload().await;
+                    stamps = file_stamps(&self.watched_files());
+                }
+                _ = tick.tick(), if watch => {
+                    let now = file_stamps(&self.watched_files());
+                    if now != stamps {
+                        // Debounce: editors write in several steps; wait for
+                        // the files to settle before reading them.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        tracing::info!("config or plugin file changed; reloading");
+                        let _ = self.reload().await;
+                        stamps = file_stamps(&self.watched_files());
+                    }
+                }
+            }
+        }
         let drain = self.shared.app.load().config.limits.drain_timeout;
         tracing::info!(?drain, "shutting down: no new requests; draining");
         self.stop(drain).await;
@@ -135,4 +249,16 @@ pub async fn termination_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Modification time and size of each file, to notice changes.
+fn file_stamps(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
 }

@@ -27,14 +27,18 @@
 //! - [`runner`] spawns the process: no shell, clean environment, own
 //!   process group, capped output, timeout that stops the whole group, and
 //!   an orphan reaper so nothing is left behind.
+//! - [`admin`] serves `/metrics` ([`metrics`]), `/healthz` and `/readyz`
+//!   on a listener of its own.
 //! - [`daemon`] binds, serves, and drains on shutdown; [`telemetry`] sets up
 //!   logs.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod daemon;
 pub mod ids;
 pub mod intake;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod problem;

@@ -40,6 +40,10 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, env = "EXECD_CONFIG")]
         config: PathBuf,
+        /// Reload when the config file or a plugin file it names changes
+        /// (SIGHUP always reloads).
+        #[arg(long)]
+        watch: bool,
     },
     /// Validate a config file and print its route table.
     Check {
@@ -64,13 +68,52 @@ enum Command {
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
     },
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run one phase of a plugin on a request file and print the decision.
+    Run {
+        /// The plugin component (.wasm).
+        wasm: PathBuf,
+        /// The plugin's config as JSON (what its YAML entry's `config` holds).
+        #[arg(long, default_value = "null")]
+        config: String,
+        /// A JSON request file (see docs/plugins.md).
+        #[arg(long)]
+        request: PathBuf,
+        /// The phase to run; by default pre when the plugin has one.
+        #[arg(long, value_enum)]
+        phase: Option<execd::plugin::author::Phase>,
+        /// Deadline for the call.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Create a new plugin crate from the template.
+    New {
+        /// Crate name, e.g. my-auth.
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Cargo dependency spec of the SDK, e.g. '{ path = "../execd/plugins/sdk" }'.
+        #[arg(long)]
+        sdk: Option<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 2s)"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let result = match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, watch } => serve(config, watch),
         Command::Check { config } => check(config),
         Command::Run {
             config,
@@ -80,6 +123,23 @@ fn main() -> ExitCode {
             body_file,
             headers,
         } => run_once(config, method, path, body, body_file, headers),
+        Command::Plugin(PluginCommand::Run {
+            wasm,
+            config,
+            request,
+            phase,
+            timeout,
+        }) => execd::plugin::author::run(&wasm, &config, &request, phase, timeout).and_then(|decision| {
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
+            execd::plugin::author::new(&name, &dir, sdk.as_deref()).map(|root| {
+                println!("created {}", root.display());
+                println!("build it: cargo build --release --target wasm32-wasip2 --manifest-path {}/Cargo.toml", root.display());
+                ExitCode::SUCCESS
+            })
+        }
     };
     match result {
         Ok(code) => code,
@@ -101,13 +161,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
+fn serve(path: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {
     let config = config::load(&path)?;
     runtime()?.block_on(async {
         let routes = config.routes.len();
         let running = execd::daemon::start(config).await?;
-        tracing::info!(addr = %running.addr, routes, config = %path.display(), "execd listening");
-        running.run_until(execd::daemon::termination_signal()).await;
+        tracing::info!(
+            addr = %running.addr,
+            admin = running.admin_addr.as_deref().unwrap_or("off"),
+            routes,
+            config = %path.display(),
+            "execd listening"
+        );
+        running
+            .run_until(execd::daemon::termination_signal(), watch)
+            .await;
         Ok(ExitCode::SUCCESS)
     })
 }

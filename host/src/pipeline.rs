@@ -181,7 +181,7 @@ pub async fn execute(
         let names = command.pre.clone();
         let plugins = plugins.clone();
         match off_runtime(move || run_pre(&names, &plugins, inv)).await? {
-            PreResult::Continue(next) => inv = next,
+            PreResult::Continue(next) => inv = *next,
             // A pre plugin answered: that answer is final; post plugins
             // shape command outcomes, and there is none.
             PreResult::Answer(reply) => return Ok(Completed { reply, run: None }),
@@ -191,15 +191,30 @@ pub async fn execute(
         PayloadTo::File => Some(BodyFile::write(&inv.body)?),
         _ => None,
     };
-    let spec = build_spec(
+    let mut spec = build_spec(
         command,
         &inv,
         body_file.as_ref().map(|f| f.path.clone()),
         abort,
     )?;
-    let run = runner::run(spec).await?;
+    // The reply socket, when the command offers one (`reply-socket: true`).
+    let socket = crate::reply::offer(command, &inv, &mut spec)?;
+    let run = match runner::run(spec).await {
+        Ok(run) => run,
+        Err(e) => {
+            crate::metrics::inc(
+                "execd_command_spawn_failures_total",
+                &[("route", &inv.route)],
+            );
+            return Err(e.into());
+        }
+    };
     drop(body_file);
-    let reply = shape_reply(command, &inv, &run);
+    record_run(&inv.route, &run);
+    let reply = match socket {
+        Some(s) => crate::reply::settle(command, &inv, &run, s.finish().await),
+        None => shape_reply(command, &inv, &run),
+    };
     if command.post.is_empty() {
         return Ok(Completed {
             reply,
@@ -218,6 +233,69 @@ pub async fn execute(
     .await
 }
 
+fn record_run(route: &str, run: &RunResult) {
+    use crate::metrics;
+    let code = match (run.exit_code, run.signal) {
+        (Some(c), _) => c.to_string(),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    };
+    metrics::inc(
+        "execd_command_exits_total",
+        &[("route", route), ("code", &code)],
+    );
+    metrics::observe(
+        "execd_command_duration_seconds",
+        &[("route", route)],
+        run.duration.as_secs_f64(),
+    );
+    if run.timed_out {
+        metrics::inc("execd_command_timeouts_total", &[("route", route)]);
+    }
+    for (killed, reason) in [
+        (run.timed_out, "timeout"),
+        (run.output_overflow, "output-cap"),
+        (run.aborted, "shutdown"),
+    ] {
+        if killed {
+            metrics::inc(
+                "execd_command_kills_total",
+                &[("route", route), ("reason", reason)],
+            );
+        }
+    }
+}
+
+fn record_plugin_call<T, E: std::fmt::Display>(
+    plugin: &str,
+    phase: &str,
+    started: std::time::Instant,
+    r: &Result<T, E>,
+) {
+    let result = match r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => {
+            let text = e.to_string();
+            if text.starts_with("timed out") {
+                "timeout".into()
+            } else if text.starts_with("trapped") {
+                "trap".into()
+            } else {
+                "error".into()
+            }
+        }
+    };
+    crate::metrics::inc(
+        "execd_plugin_calls_total",
+        &[("plugin", plugin), ("phase", phase), ("result", &result)],
+    );
+    crate::metrics::observe(
+        "execd_plugin_call_duration_seconds",
+        &[("plugin", plugin), ("phase", phase)],
+        started.elapsed().as_secs_f64(),
+    );
+}
+
 /// Runs plugin calls on a blocking thread. WASI's synchronous host calls
 /// (a plugin writing to stderr, a panic message) block on a tokio runtime of
 /// their own, which must not happen on a runtime worker.
@@ -230,7 +308,7 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 enum PreResult {
-    Continue(Invocation),
+    Continue(Box<Invocation>),
     Answer(Reply),
 }
 
@@ -245,7 +323,10 @@ fn run_pre(names: &[String], plugins: &Plugins, mut inv: Invocation) -> Result<P
         let plugin = plugins
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
-        match plugin.call_pre(&info, &current) {
+        let started = std::time::Instant::now();
+        let result = plugin.call_pre(&info, &current);
+        record_plugin_call(name, "pre", started, &result);
+        match result {
             Ok(wit::Decision::Continue(next)) => current = next,
             Ok(wit::Decision::Reply(r)) => {
                 return Ok(PreResult::Answer(from_wit_reply(r, &inv.request_id)));
@@ -269,7 +350,7 @@ fn run_pre(names: &[String], plugins: &Plugins, mut inv: Invocation) -> Result<P
     inv.query = current.query;
     inv.vars = current.vars;
     inv.body = Bytes::from(current.body);
-    Ok(PreResult::Continue(inv))
+    Ok(PreResult::Continue(Box::new(inv)))
 }
 
 fn run_post(
@@ -302,7 +383,10 @@ fn run_post(
         let plugin = plugins
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
-        match plugin.call_post(&info, &winv, &outcome, &current) {
+        let started = std::time::Instant::now();
+        let result = plugin.call_post(&info, &winv, &outcome, &current);
+        record_plugin_call(name, "post", started, &result);
+        match result {
             Ok(next) => current = next,
             Err(e) => match plugin.on_error() {
                 OnError::Deny => {

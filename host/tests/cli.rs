@@ -71,7 +71,7 @@ fn serve_drains_on_sigterm_and_exits_zero() {
         l.local_addr().unwrap().port()
     };
     let (_dir, path) = write_config(&format!(
-        "listen: 127.0.0.1:{port}\nroutes:\n  - url: /s\n    cmd: /bin/sleep 1\n  - url: /x\n    cmd: /bin/echo x\n"
+        "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /s\n    cmd: /bin/sleep 1\n  - url: /x\n    cmd: /bin/echo x\n"
     ));
     let mut child = execd()
         .args(["serve", "-c"])
@@ -112,4 +112,90 @@ fn serve_drains_on_sigterm_and_exits_zero() {
     });
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn plugin_run_prints_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("req.json");
+    let wasm = crate::plugins::wasm("api-key");
+    let run = |headers: &str| {
+        std::fs::write(
+            &req,
+            format!(r#"{{"method": "POST", "path": "/x", "headers": {headers}, "body": "hi"}}"#),
+        )
+        .unwrap();
+        let out = execd()
+            .args([
+                "plugin",
+                "run",
+                &wasm,
+                "--config",
+                r#"{"keys": ["k-1"]}"#,
+                "--request",
+            ])
+            .arg(&req)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let d = run("{}");
+    assert_eq!(d["decision"], "reply");
+    assert_eq!(d["reply"]["status"], 401);
+    let d = run(r#"[["X-Api-Key", "k-1"]]"#);
+    assert_eq!(d["decision"], "continue");
+    assert_eq!(d["invocation"]["body"], "hi");
+
+    // A bad config is the plugin's own message, and a failure exit.
+    let out = execd()
+        .args([
+            "plugin",
+            "run",
+            &wasm,
+            "--config",
+            r#"{"keys": []}"#,
+            "--request",
+        ])
+        .arg(&req)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config rejected by the plugin"));
+}
+
+#[test]
+fn plugin_new_writes_a_crate_from_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = execd()
+        .args(["plugin", "new", "my-auth", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cargo = std::fs::read_to_string(dir.path().join("my-auth/Cargo.toml")).unwrap();
+    assert!(cargo.contains("name = \"my-auth\""), "{cargo}");
+    assert!(cargo.contains("execd-plugin-sdk = { path = "), "{cargo}");
+    let lib = std::fs::read_to_string(dir.path().join("my-auth/src/lib.rs")).unwrap();
+    assert!(
+        lib.contains("export_plugin!") && !lib.contains("{{name}}"),
+        "{lib}"
+    );
+    let again = execd()
+        .args(["plugin", "new", "my-auth", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing directory is not overwritten"
+    );
 }

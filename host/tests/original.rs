@@ -79,6 +79,7 @@ async fn example_config_loads_and_serves() {
     let mut config =
         execd::config::load(&repo().join("config/execd.yaml")).unwrap_or_else(|e| panic!("{e}"));
     config.listen = execd::config::Listen::Tcp("127.0.0.1:0".parse().unwrap());
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
     let running = execd::daemon::start(config).await.unwrap();
     let addr = running.addr.clone();
 

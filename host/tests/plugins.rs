@@ -137,6 +137,21 @@ async fn bad_plugin_config_stops_loading_with_the_plugins_message() {
 }
 
 #[tokio::test]
+async fn a_plugin_listed_under_a_phase_it_lacks_is_a_config_error() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /a\n    post: [auth]\n    cmd: /bin/true\n",
+        plugins_yaml(&[("auth", "api-key", "    config: {keys: [k]}\n")])
+    );
+    let (_dir, path) = write_config(&yaml);
+    let config = execd::config::load(&path).unwrap();
+    let err = execd::app::App::build(std::sync::Arc::new(config))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("plugin auth has no post phase"), "{err}");
+}
+
+#[tokio::test]
 async fn api_key_guards_a_route() {
     let yaml = format!(
         "listen: 127.0.0.1:0\n{}routes:\n  - url: /secret\n    pre: [auth]\n    cmd: php {{fixtures}}/argv.php\n",

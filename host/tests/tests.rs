@@ -4,10 +4,13 @@
 
 mod util;
 
+mod amqp;
 mod cli;
 mod config_errors;
 mod http;
 mod injection;
+mod ops;
 mod original;
-mod plugins;
+pub mod plugins;
 mod processes;
+mod reply_socket;

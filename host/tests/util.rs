@@ -26,6 +26,8 @@ pub fn fixture(name: &str) -> String {
 /// A daemon serving one config, in this process.
 pub struct Server {
     pub addr: String,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: Option<String>,
     pub dir: tempfile::TempDir,
     running: Option<execd::daemon::Running>,
 }
@@ -60,9 +62,14 @@ pub async fn start(yaml: &str) -> Server {
     if let execd::config::Listen::Tcp(a) = &mut config.listen {
         a.set_port(0);
     }
+    // Tests run side by side: never the fixed default admin port.
+    if let Some(a) = &mut config.admin {
+        a.set_port(0);
+    }
     let running = execd::daemon::start(config).await.unwrap();
     Server {
         addr: running.addr.clone(),
+        admin: running.admin_addr.clone(),
         dir,
         running: Some(running),
     }
@@ -85,6 +92,10 @@ impl Server {
         body: &[u8],
     ) -> Resp {
         request(&self.addr, method, path, headers, body).await
+    }
+
+    pub fn running(&self) -> &execd::daemon::Running {
+        self.running.as_ref().expect("running")
     }
 
     pub async fn stop(mut self, drain: Duration) {

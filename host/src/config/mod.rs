@@ -28,6 +28,9 @@ pub struct Config {
     /// The file this was loaded from, as given.
     pub source: PathBuf,
     pub listen: Listen,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` when
+    /// `admin: off`.
+    pub admin: Option<SocketAddr>,
     pub limits: Limits,
     pub routes: Vec<Arc<Route>>,
     /// Plugins by name, in file order.
@@ -310,16 +313,17 @@ pub fn from_text(
 fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<Config> {
     let mut limits = Limits::default();
     let mut listen = Listen::Tcp("127.0.0.1:8080".parse().expect("valid address"));
+    let mut admin = Some("127.0.0.1:9090".parse().expect("valid address"));
     let mut plugins = Vec::new();
     let mut amqp_node = None;
     let routes_node = match &root.kind {
         Kind::Seq(_) => Some(root),
         Kind::Map(_) => {
             let mut f = r.map(root, "")?;
-            if let Some(n) = f.get("listen") {
-                if let Some(l) = read_listen(r, n, "listen") {
-                    listen = l;
-                }
+            if let Some(n) = f.get("listen")
+                && let Some(l) = read_listen(r, n, "listen")
+            {
+                listen = l;
             }
             if let Some(n) = f.get("limits") {
                 read_limits(r, n, &mut limits);
@@ -333,7 +337,13 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
             if routes.is_none() && amqp_node.is_none() {
                 r.error(root.pos, "routes", "missing field `routes`: list the HTTP routes to serve (may be empty: `routes: []`)");
             }
-            f.finish(r, &["listen", "limits", "routes", "plugins", "amqp"]);
+            if let Some(n) = f.get("admin") {
+                admin = read_admin(r, n);
+            }
+            f.finish(
+                r,
+                &["listen", "admin", "limits", "routes", "plugins", "amqp"],
+            );
             routes
         }
         Kind::Null => {
@@ -388,11 +398,33 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
     Some(Config {
         source: path.to_path_buf(),
         listen,
+        admin,
         limits,
         routes: routes.into_iter().map(Arc::new).collect(),
         plugins,
         amqp,
     })
+}
+
+fn read_admin(r: &mut Reader<'_>, n: &Node) -> Option<SocketAddr> {
+    if matches!(n.kind, Kind::Bool(false)) {
+        return None;
+    }
+    let s = r.scalar_text(n, "admin")?;
+    if s == "off" {
+        return None;
+    }
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            r.error(
+                n.pos,
+                "admin",
+                format!("{s:?} is not an address; expected e.g. \"127.0.0.1:9090\", or off"),
+            );
+            None
+        }
+    }
 }
 
 fn read_listen(r: &mut Reader<'_>, n: &Node, field: &str) -> Option<Listen> {
@@ -442,10 +474,10 @@ fn read_limits(r: &mut Reader<'_>, n: &Node, limits: &mut Limits) {
         ("kill-grace", &mut limits.kill_grace),
         ("timeout", &mut limits.timeout),
     ] {
-        if let Some(v) = f.get(key) {
-            if let Some(d) = r.duration(v, &f.field(key)) {
-                *slot = d;
-            }
+        if let Some(v) = f.get(key)
+            && let Some(d) = r.duration(v, &f.field(key))
+        {
+            *slot = d;
         }
     }
     f.finish(
@@ -504,14 +536,14 @@ fn read_plugins(r: &mut Reader<'_>, n: &Node, base: &Path) -> Vec<PluginSpec> {
                 None
             }
         };
-        if let (Some(p), Some(pn)) = (&path, f.get("path")) {
-            if !p.is_file() {
-                r.error(
-                    pn.pos,
-                    &f.field("path"),
-                    format!("no plugin file at {}", p.display()),
-                );
-            }
+        if let (Some(p), Some(pn)) = (&path, f.get("path"))
+            && !p.is_file()
+        {
+            r.error(
+                pn.pos,
+                &f.field("path"),
+                format!("no plugin file at {}", p.display()),
+            );
         }
         let config = f
             .get("config")
@@ -677,18 +709,18 @@ fn read_route(
     if let (Some(url), Some(cmd)) = (&url, &command) {
         for word in &cmd.argv {
             for ph in word.placeholders() {
-                if let Placeholder::Path(p) = ph {
-                    if !url.segments.contains(&Segment::Param(p.clone())) {
-                        let pos = f.get("cmd").map_or(n.pos, |c| c.pos);
-                        r.error(
-                            pos,
-                            &f.field("cmd"),
-                            format!(
-                                "${{path.{p}}} names no `{{{p}}}` segment of url {}",
-                                url.text
-                            ),
-                        );
-                    }
+                if let Placeholder::Path(p) = ph
+                    && !url.segments.contains(&Segment::Param(p.clone()))
+                {
+                    let pos = f.get("cmd").map_or(n.pos, |c| c.pos);
+                    r.error(
+                        pos,
+                        &f.field("cmd"),
+                        format!(
+                            "${{path.{p}}} names no `{{{p}}}` segment of url {}",
+                            url.text
+                        ),
+                    );
                 }
             }
         }
@@ -1085,17 +1117,15 @@ fn check_overlaps(r: &mut Reader<'_>, routes: &[Route]) {
                         (Segment::Param(_), Segment::Param(_)) => true,
                         _ => false,
                     });
-            if same_shape {
-                if let Some(m) = a.methods.iter().find(|m| b.methods.contains(m)) {
-                    r.error(
-                        a.pos,
-                        "url",
-                        format!(
-                            "{m} {} is already served by the route at line {} ({})",
-                            a.url.text, b.pos.line, b.name
-                        ),
-                    );
-                }
+            if same_shape && let Some(m) = a.methods.iter().find(|m| b.methods.contains(m)) {
+                r.error(
+                    a.pos,
+                    "url",
+                    format!(
+                        "{m} {} is already served by the route at line {} ({})",
+                        a.url.text, b.pos.line, b.name
+                    ),
+                );
             }
         }
     }

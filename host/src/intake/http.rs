@@ -51,6 +51,8 @@ pub struct Shared {
     pub app: Arc<ArcSwap<App>>,
     /// Cancelled when the drain deadline passes: running commands are killed.
     pub abort: CancellationToken,
+    /// Requests being answered now, for the in-flight gauge.
+    pub in_flight: std::sync::atomic::AtomicI64,
 }
 
 /// Serves until `shutdown` is cancelled, then stops accepting and waits for
@@ -137,17 +139,38 @@ pub async fn handle(
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let app = shared.app.load_full();
+    shared
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (route_name, reply) = match route_request(&app, shared, req, remote, &request_id).await {
         Ok((name, reply)) => (name, reply),
         Err(reply) => (None, reply),
     };
+    shared
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let route_label = route_name.as_deref().unwrap_or("(none)");
+    crate::metrics::inc(
+        "execd_http_requests_total",
+        &[
+            ("route", route_label),
+            ("method", &method),
+            ("status", &reply.status.to_string()),
+        ],
+    );
+    crate::metrics::observe(
+        "execd_http_request_duration_seconds",
+        &[("route", route_label)],
+        elapsed,
+    );
     tracing::info!(
         route = route_name.as_deref().unwrap_or("-"),
         request_id = %request_id,
         method = %method,
         path = %path,
         status = reply.status,
-        ms = started.elapsed().as_secs_f64() * 1000.0,
+        ms = elapsed * 1000.0,
         "request"
     );
     to_response(reply, &request_id)

@@ -16,6 +16,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::{OnError, PluginSpec};
 
+pub mod author;
+
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit/execd-plugin.wit",

@@ -1,0 +1,239 @@
+//! What operators notice: metrics that move, health endpoints, reloads
+//! without downtime, a unix-socket listener.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Scrapes `/metrics` and parses the text format into series -> value.
+async fn scrape(admin: &str) -> HashMap<String, f64> {
+    let r = request(admin, "GET", "/metrics", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let mut out = HashMap::new();
+    for line in r.text().lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad metrics line {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        out.insert(series.to_string(), v);
+    }
+    out
+}
+
+fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_as_requests_flow() {
+    let server = start(
+        r#"
+  - url: /m-ok
+    cmd: /bin/echo ok
+  - url: /m-fail
+    cmd: /bin/false
+  - url: /m-slow
+    timeout: 100ms
+    kill-grace: 0s
+    cmd: /bin/sleep 5
+"#,
+    )
+    .await;
+    let admin = server.admin.clone().expect("admin listener");
+    let before = scrape(&admin).await;
+    for _ in 0..3 {
+        server.get("/m-ok").await;
+    }
+    server.get("/m-fail").await;
+    server.get("/m-slow").await;
+    server.get("/m-none").await;
+    let after = scrape(&admin).await;
+    let delta = |s: &str| get(&after, s) - get(&before, s);
+    assert_eq!(
+        delta(r#"execd_http_requests_total{route="GET /m-ok",method="GET",status="200"}"#),
+        3.0
+    );
+    assert_eq!(
+        delta(r#"execd_http_requests_total{route="GET /m-fail",method="GET",status="500"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"execd_http_requests_total{route="(none)",method="GET",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"execd_command_exits_total{route="GET /m-ok",code="0"}"#),
+        3.0
+    );
+    assert_eq!(
+        delta(r#"execd_command_exits_total{route="GET /m-fail",code="1"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"execd_command_timeouts_total{route="GET /m-slow"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"execd_command_kills_total{route="GET /m-slow",reason="timeout"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"execd_http_request_duration_seconds_count{route="GET /m-ok"}"#),
+        3.0
+    );
+    assert!(
+        get(
+            &after,
+            r#"execd_http_request_duration_seconds_bucket{route="GET /m-slow",le="0.05"}"#
+        ) < get(
+            &after,
+            r#"execd_http_request_duration_seconds_bucket{route="GET /m-slow",le="+Inf"}"#
+        )
+    );
+    assert_eq!(get(&after, "execd_http_in_flight"), 0.0);
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let server = start("  - url: /x\n    cmd: /bin/true\n").await;
+    let admin = server.admin.clone().unwrap();
+    let r = request(&admin, "GET", "/healthz", &[], b"").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    let r = request(&admin, "GET", "/readyz", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["ready"], true);
+    assert_eq!(r.json()["routes"], 1);
+    // Draining: no longer ready (the orchestrator stops sending traffic).
+    server.running().shutdown.cancel();
+    let r = request(&admin, "GET", "/readyz", &[], b"").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["draining"], true);
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_while_old_requests_finish() {
+    let server =
+        start("  - url: /long\n    cmd: /bin/sleep 1\n  - url: /v\n    cmd: /bin/echo one\n").await;
+    let path = server.dir.path().join("execd.yaml");
+    let addr = server.addr.clone();
+    let long = tokio::spawn(async move { request(&addr, "GET", "/long", &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("/bin/echo one", "/bin/echo two")
+            .replace("/long\n", "/gone\n"),
+    )
+    .unwrap();
+    server.running().reload().await.expect("reload");
+    assert_eq!(server.get("/v").await.text(), "two\n");
+    assert_eq!(
+        server.get("/long").await.status,
+        404,
+        "the route is gone for new requests"
+    );
+    let r = long.await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the request started before the reload completes on the old config"
+    );
+
+    // A broken config is refused whole; the old one keeps serving.
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:0\nroutes:\n  - url: /v\n    cmd: /bin/echo three\n    bogus: 1\n",
+    )
+    .unwrap();
+    let errors = server
+        .running()
+        .reload()
+        .await
+        .expect_err("must be refused");
+    assert!(
+        errors.to_string().contains("unknown field `bogus`"),
+        "{errors}"
+    );
+    assert_eq!(server.get("/v").await.text(), "two\n");
+    let m = scrape(server.admin.as_deref().unwrap()).await;
+    assert!(get(&m, r#"execd_reloads_total{result="error"}"#) >= 1.0);
+}
+
+#[tokio::test]
+async fn unix_socket_listener_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("execd.sock");
+    let server = start(&format!(
+        "listen: unix:{}\nadmin: off\nroutes:\n  - url: /x\n    cmd: /bin/echo via unix\n",
+        sock.display()
+    ))
+    .await;
+    assert_eq!(server.addr, format!("unix:{}", sock.display()));
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw)
+        .await
+        .unwrap();
+    let r = parse_response(&raw);
+    assert_eq!((r.status, r.text().as_str()), (200, "via unix\n"));
+    server.stop(Duration::from_secs(1)).await;
+    assert!(!sock.exists(), "the socket file is removed on shutdown");
+}
+
+#[test]
+fn sighup_reloads_the_binary() {
+    use std::process::Command;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_dir, path) = write_config(&format!(
+        "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /v\n    cmd: /bin/echo one\n"
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok())
+            .await
+        );
+        assert_eq!(request(&addr, "GET", "/v", &[], b"").await.text(), "one\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("echo one", "echo two")).unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        let mut seen = String::new();
+        for _ in 0..50 {
+            seen = request(&addr, "GET", "/v", &[], b"").await.text();
+            if seen == "two\n" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen, "two\n", "SIGHUP did not reload");
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
