@@ -33,7 +33,7 @@ pub struct Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     crate::runner::start_orphan_reaper();
     let app = App::build(Arc::new(config))?;
-    let listener = bind(&app.config.listen).await?;
+    let listener = bind(&app.config.listen, app.config.tls.as_ref()).await?;
     let addr = listener.local_addr();
     let plugins = app.plugins.clone();
     let amqp_config = app.config.amqp.clone();
@@ -78,13 +78,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
 }
 
-async fn bind(listen: &Listen) -> anyhow::Result<Listener> {
+async fn bind(listen: &Listen, tls: Option<&crate::config::TlsFiles>) -> anyhow::Result<Listener> {
     match listen {
-        Listen::Tcp(addr) => Ok(Listener::Tcp(
-            tokio::net::TcpListener::bind(addr)
+        Listen::Tcp(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        )),
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            Ok(match tls {
+                None => Listener::Tcp(l),
+                Some(files) => Listener::Tls(l, tls_acceptor(files)?),
+            })
+        }
         Listen::Unix(path) => {
             // A socket file left by a previous run would make bind fail.
             if std::fs::symlink_metadata(path)
@@ -102,6 +106,30 @@ async fn bind(listen: &Listen) -> anyhow::Result<Listener> {
             ))
         }
     }
+}
+
+/// A TLS acceptor from PEM files (rustls with the ring provider; TLS 1.2
+/// and 1.3).
+fn tls_acceptor(files: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .with_context(|| format!("cannot read {}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not a PEM certificate chain", files.cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", files.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("{} is not a PEM private key", files.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the certificate and key do not go together")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Running {

@@ -188,7 +188,10 @@ pub async fn execute(
         }
     }
     let body_file = match command.payload_to {
-        PayloadTo::File => Some(BodyFile::write(&inv.body)?),
+        PayloadTo::File => Some(BodyFile::write(
+            &inv.body,
+            command.lockdown.as_ref().and_then(|l| l.uid),
+        )?),
         _ => None,
     };
     let mut spec = build_spec(
@@ -487,6 +490,7 @@ pub fn build_spec(
         route: inv.route.clone(),
         request_id: inv.request_id.clone(),
         abort: abort.clone(),
+        lockdown: command.lockdown.clone(),
     })
 }
 
@@ -872,7 +876,9 @@ struct BodyFile {
 }
 
 impl BodyFile {
-    fn write(body: &[u8]) -> Result<Self, Failure> {
+    /// Writes the body; `owner` is the uid the command runs as, so it can
+    /// read its own (0600) file.
+    fn write(body: &[u8], owner: Option<u32>) -> Result<Self, Failure> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let name = format!("execd-body-{}", crate::ids::random_hex(16));
@@ -887,6 +893,11 @@ impl BodyFile {
             })?;
         f.write_all(body)
             .map_err(|e| Failure::Internal(format!("cannot write body file: {e}")))?;
+        if let Some(uid) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), None).map_err(|e| {
+                Failure::Internal(format!("cannot hand the body file to uid {uid}: {e}"))
+            })?;
+        }
         Ok(BodyFile { path })
     }
 }

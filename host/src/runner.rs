@@ -45,6 +45,8 @@ pub struct RunSpec {
     pub request_id: Arc<str>,
     /// Cancelled when the daemon's drain deadline passes: stop the command.
     pub abort: CancellationToken,
+    /// User, group and resource limits; `None` keeps the fast spawn path.
+    pub lockdown: Option<crate::config::Lockdown>,
 }
 
 /// How a command ended.
@@ -183,6 +185,9 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
+    if let Some(l) = &spec.lockdown {
+        apply_lockdown(&mut cmd, l);
+    }
 
     let mut child = {
         let mut guard = tracked().lock().unwrap_or_else(|e| e.into_inner());
@@ -296,6 +301,46 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
         stderr_tail,
         duration: started.elapsed(),
     })
+}
+
+/// Sets user, group and rlimits for the child. Limits go in through
+/// `pre_exec` (between fork and exec); uid and gid through the standard
+/// library, which also drops supplementary groups when execd is root.
+fn apply_lockdown(cmd: &mut tokio::process::Command, l: &crate::config::Lockdown) {
+    if let Some(gid) = l.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = l.uid {
+        cmd.uid(uid);
+    }
+    let limits: Vec<(libc::__rlimit_resource_t, u64)> = [
+        (libc::RLIMIT_CPU, l.cpu_seconds),
+        (libc::RLIMIT_AS, l.address_space),
+        (libc::RLIMIT_NOFILE, l.open_files),
+        (libc::RLIMIT_NPROC, l.processes),
+    ]
+    .into_iter()
+    .filter_map(|(r, v)| v.map(|v| (r, v)))
+    .collect();
+    if limits.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit, which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (resource, value) in &limits {
+                let lim = libc::rlimit {
+                    rlim_cur: *value,
+                    rlim_max: *value,
+                };
+                if libc::setrlimit(*resource, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// SIGTERM now, SIGKILL after the grace period.

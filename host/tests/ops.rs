@@ -237,3 +237,69 @@ fn sighup_reloads_the_binary() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test]
+async fn https_listener_answers_with_the_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let server = start(&format!(
+        "listen: 127.0.0.1:0\nadmin: off\ntls:\n  cert: {}\n  key: {}\nroutes:\n  - url: /x\n    cmd: /bin/echo secure\n",
+        cert.display(),
+        key.display()
+    ))
+    .await;
+    let url = format!("https://{}/x", server.addr);
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&cert)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "secure\n");
+    // Plain HTTP on the TLS port gets no answer, and the server goes on.
+    let plain = tokio::process::Command::new("curl")
+        .args(["-sS", "-m", "3"])
+        .arg(format!("http://{}/x", server.addr))
+        .output()
+        .await
+        .unwrap();
+    assert!(!plain.status.success());
+    let again = tokio::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&cert)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "secure\n");
+}

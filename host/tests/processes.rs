@@ -99,3 +99,78 @@ async fn drain_lets_running_commands_finish_then_kills_the_rest() {
     );
     long.await.unwrap().problem(503);
 }
+
+#[tokio::test]
+async fn user_and_rlimits_apply_in_the_child() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let server = start(
+        r#"
+  - url: /whoami
+    user: nobody
+    cmd: /bin/sh -c 'echo "$$(id -u) $$(id -g)"; ulimit -n'
+    rlimits:
+      open-files: 64
+  - url: /bomb
+    user: nobody
+    timeout: 3s
+    kill-grace: 0s
+    rlimits:
+      processes: 20
+    cmd: /bin/sh -c 'bomb() { bomb | bomb & }; bomb; sleep 10'
+  - url: /hog
+    rlimits:
+      memory: 128MiB
+    cmd: php -d memory_limit=-1 -r '$$s = str_repeat("x", 512 * 1024 * 1024); echo strlen($$s);'
+  - url: /plain
+    cmd: /bin/sh -c 'id -u'
+"#,
+    )
+    .await;
+    let r = server.get("/whoami").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let nobody = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
+    let (uid, gid) = unsafe { ((*nobody).pw_uid, (*nobody).pw_gid) };
+    assert_eq!(r.text(), format!("{uid} {gid}\n64\n"));
+    assert_eq!(
+        server.get("/plain").await.text(),
+        "0\n",
+        "routes without user: keep execd's user"
+    );
+
+    // The fork bomb hits its process cap, is stopped at its timeout, and
+    // leaves nothing behind; the daemon keeps serving.
+    let started = Instant::now();
+    let r = server.get("/bomb").await;
+    assert!(r.status == 504 || r.status == 500, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let left = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .map(|s| {
+                        s.lines().any(|l| {
+                            l.starts_with("Uid:")
+                                && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                        })
+                    })
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || left() == 0).await,
+        "{} processes of nobody survived",
+        left()
+    );
+
+    // The memory hog cannot get its 512 MiB.
+    let r = server.get("/hog").await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(server.get("/plain").await.status, 200);
+}

@@ -31,6 +31,8 @@ pub struct Config {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` when
     /// `admin: off`.
     pub admin: Option<SocketAddr>,
+    /// Serve HTTPS on `listen` with these PEM files.
+    pub tls: Option<TlsFiles>,
     pub limits: Limits,
     pub routes: Vec<Arc<Route>>,
     /// Plugins by name, in file order.
@@ -54,6 +56,13 @@ impl std::fmt::Display for Listen {
             Listen::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
+}
+
+/// Certificate chain and private key (PEM) for HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Daemon-wide limits; routes may lower or raise the per-request ones.
@@ -147,6 +156,27 @@ pub struct CommandSpec {
     pub post: Vec<String>,
     /// How the outcome becomes a reply.
     pub reply: ReplyShape,
+    /// Who the command runs as and what it may use; `None` keeps the fast
+    /// spawn path (no work in the child before exec).
+    pub lockdown: Option<Lockdown>,
+}
+
+/// Privileges and resource limits applied in the child before exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lockdown {
+    /// `user:`, resolved to a uid at load.
+    pub uid: Option<u32>,
+    /// `group:` (or the user's primary group), resolved at load.
+    pub gid: Option<u32>,
+    /// RLIMIT_CPU, seconds.
+    pub cpu_seconds: Option<u64>,
+    /// RLIMIT_AS, bytes.
+    pub address_space: Option<u64>,
+    /// RLIMIT_NOFILE.
+    pub open_files: Option<u64>,
+    /// RLIMIT_NPROC (counted per user, so it bites only with `user:`;
+    /// root ignores it).
+    pub processes: Option<u64>,
 }
 
 /// How a command's ending becomes a reply (HTTP response or RPC reply).
@@ -314,6 +344,7 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
     let mut limits = Limits::default();
     let mut listen = Listen::Tcp("127.0.0.1:8080".parse().expect("valid address"));
     let mut admin = Some("127.0.0.1:9090".parse().expect("valid address"));
+    let mut tls = None;
     let mut plugins = Vec::new();
     let mut amqp_node = None;
     let routes_node = match &root.kind {
@@ -340,9 +371,14 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
             if let Some(n) = f.get("admin") {
                 admin = read_admin(r, n);
             }
+            if let Some(n) = f.get("tls") {
+                tls = read_tls(r, n, base);
+            }
             f.finish(
                 r,
-                &["listen", "admin", "limits", "routes", "plugins", "amqp"],
+                &[
+                    "listen", "admin", "tls", "limits", "routes", "plugins", "amqp",
+                ],
             );
             routes
         }
@@ -399,10 +435,39 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
         source: path.to_path_buf(),
         listen,
         admin,
+        tls,
         limits,
         routes: routes.into_iter().map(Arc::new).collect(),
         plugins,
         amqp,
+    })
+}
+
+fn read_tls(r: &mut Reader<'_>, n: &Node, base: &Path) -> Option<TlsFiles> {
+    let mut f = r.map(n, "tls")?;
+    let file = |r: &mut Reader<'_>, f: &mut Fields<'_>, key: &str| -> Option<PathBuf> {
+        let field = f.field(key);
+        match f.get(key) {
+            None => {
+                r.error(n.pos, &field, format!("missing field `{key}` (a PEM file)"));
+                None
+            }
+            Some(v) => {
+                let p = base.join(r.string(v, &field)?);
+                if !p.is_file() {
+                    r.error(v.pos, &field, format!("no file at {}", p.display()));
+                    return None;
+                }
+                Some(p)
+            }
+        }
+    };
+    let cert = file(r, &mut f, "cert");
+    let key = file(r, &mut f, "key");
+    f.finish(r, &["cert", "key"]);
+    Some(TlsFiles {
+        cert: cert?,
+        key: key?,
     })
 }
 
@@ -637,6 +702,9 @@ const ROUTE_KEYS: &[&str] = &[
     "reply-socket",
     "pre",
     "post",
+    "user",
+    "group",
+    "rlimits",
 ];
 
 fn read_route(
@@ -947,6 +1015,7 @@ pub(super) fn read_command(
         .get("reply-socket")
         .and_then(|v| r.bool(v, &f.field("reply-socket")))
         .unwrap_or(false);
+    let lockdown = read_lockdown(r, f);
     let mut phases = [Vec::new(), Vec::new()];
     for (key, out) in ["pre", "post"].into_iter().zip(phases.iter_mut()) {
         if let Some(p) = f.get(key) {
@@ -1027,7 +1096,129 @@ pub(super) fn read_command(
             exit_status,
             failure_status,
         },
+        lockdown,
     })
+}
+
+/// `user`, `group` and `rlimits` of a route or consumer.
+fn read_lockdown(r: &mut Reader<'_>, f: &mut Fields<'_>) -> Option<Lockdown> {
+    let mut l = Lockdown::default();
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if let Some(u) = f.get("user") {
+        let field = f.field("user");
+        if let Some(name) = r.scalar_text(u, &field) {
+            match lookup_user(&name) {
+                Some((uid, gid)) => {
+                    if !is_root && uid != unsafe { libc::geteuid() } {
+                        r.error(
+                            u.pos,
+                            &field,
+                            format!("running commands as {name:?} needs execd to run as root"),
+                        );
+                    }
+                    l.uid = Some(uid);
+                    l.gid = Some(gid);
+                }
+                None => r.error(
+                    u.pos,
+                    &field,
+                    format!("no user named {name:?} on this system"),
+                ),
+            }
+        }
+    }
+    if let Some(g) = f.get("group") {
+        let field = f.field("group");
+        if let Some(name) = r.scalar_text(g, &field) {
+            match lookup_group(&name) {
+                Some(gid) => {
+                    if !is_root && gid != unsafe { libc::getegid() } {
+                        r.error(
+                            g.pos,
+                            &field,
+                            format!(
+                                "running commands in group {name:?} needs execd to run as root"
+                            ),
+                        );
+                    }
+                    l.gid = Some(gid);
+                }
+                None => r.error(
+                    g.pos,
+                    &field,
+                    format!("no group named {name:?} on this system"),
+                ),
+            }
+        }
+    }
+    if let Some(n) = f.get("rlimits") {
+        let field = f.field("rlimits");
+        if let Some(mut rf) = r.map(n, &field) {
+            if let Some(v) = rf.get("cpu") {
+                l.cpu_seconds = r.duration(v, &rf.field("cpu")).map(|d| d.as_secs().max(1));
+            }
+            if let Some(v) = rf.get("memory") {
+                l.address_space = r.size(v, &rf.field("memory"));
+            }
+            if let Some(v) = rf.get("open-files") {
+                l.open_files = r
+                    .int(v, &rf.field("open-files"), 3, 1 << 20)
+                    .map(|x| x as u64);
+            }
+            if let Some(v) = rf.get("processes") {
+                l.processes = r
+                    .int(v, &rf.field("processes"), 1, 1 << 20)
+                    .map(|x| x as u64);
+            }
+            rf.finish(r, &["cpu", "memory", "open-files", "processes"]);
+        }
+    }
+    (l != Lockdown::default()).then_some(l)
+}
+
+/// uid and primary gid of a user name (or a numeric uid).
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into pwd and buf, both live and sized as told.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Some((pwd.pw_uid, pwd.pw_gid));
+    }
+    let uid: u32 = name.parse().ok()?;
+    Some((uid, uid))
+}
+
+/// gid of a group name (or a numeric gid).
+fn lookup_group(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into grp and buf, both live and sized as told.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Some(grp.gr_gid);
+    }
+    name.parse().ok()
 }
 
 /// Finds the program: a path with a `/` is taken relative to the config

@@ -28,6 +28,8 @@ use crate::problem;
 /// A bound listener: TCP, or a unix socket behind a reverse proxy.
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
+    /// HTTPS: the handshake runs in the connection's own task.
+    Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
     Unix(tokio::net::UnixListener),
 }
 
@@ -35,7 +37,9 @@ impl Listener {
     /// The address to print: `127.0.0.1:8080` or `unix:/run/execd.sock`.
     pub fn local_addr(&self) -> String {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Tcp(l) | Listener::Tls(l, _) => {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            }
             Listener::Unix(l) => l
                 .local_addr()
                 .ok()
@@ -76,18 +80,33 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>, shutdown: Cancellati
                 };
                 let shared = shared.clone();
                 let remote: Arc<str> = remote.into();
-                let svc = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    let remote = remote.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, req, &remote).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(io, svc);
-                let watched = graceful.watch(conn);
+                let graceful_watch = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = watched.await {
+                    // A client gets the header timeout for its TLS handshake
+                    // too, and the handshake never holds up the accept loop.
+                    let io = match io {
+                        Accepted::Plain(io) => io,
+                        Accepted::Tls(tcp, acceptor) => {
+                            match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                                Ok(Ok(tls)) => TokioIo::new(Box::new(tls) as Box<dyn IoStream>),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, remote = %remote, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        let remote = remote.clone();
+                        async move { Ok::<_, Infallible>(handle(&shared, req, &remote).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(io, svc);
+                    if let Err(e) = graceful_watch.watch(conn).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -102,22 +121,30 @@ type Io = TokioIo<Box<dyn IoStream>>;
 trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
 
-async fn accept(listener: &Listener) -> std::io::Result<(Io, String)> {
+enum Accepted {
+    Plain(Io),
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+fn boxed<S: IoStream + 'static>(s: S) -> Accepted {
+    Accepted::Plain(TokioIo::new(Box::new(s) as Box<dyn IoStream>))
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((
-                TokioIo::new(Box::new(s) as Box<dyn IoStream>),
-                addr.to_string(),
-            ))
+            Ok((boxed(s), addr.to_string()))
+        }
+        Listener::Tls(l, acceptor) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Accepted::Tls(s, acceptor.clone()), addr.to_string()))
         }
         Listener::Unix(l) => {
             let (s, _) = l.accept().await?;
-            Ok((
-                TokioIo::new(Box::new(s) as Box<dyn IoStream>),
-                "unix".to_string(),
-            ))
+            Ok((boxed(s), "unix".to_string()))
         }
     }
 }
