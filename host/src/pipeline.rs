@@ -174,7 +174,20 @@ const MAX_ARG: usize = 128 * 1024 - 1;
 pub async fn execute(
     command: &CommandSpec,
     plugins: &Arc<Plugins>,
+    inv: Invocation,
+    abort: &CancellationToken,
+) -> Result<Completed, Failure> {
+    execute_with_stdin(command, plugins, inv, None, abort).await
+}
+
+/// Like [`execute`], with the command's stdin fed from `stdin` as chunks
+/// arrive (a streamed request body) instead of from `inv.body`. Only for
+/// commands without pre plugins, which would need the whole body.
+pub async fn execute_with_stdin(
+    command: &CommandSpec,
+    plugins: &Arc<Plugins>,
     mut inv: Invocation,
+    stdin: Option<tokio::sync::mpsc::Receiver<Bytes>>,
     abort: &CancellationToken,
 ) -> Result<Completed, Failure> {
     if !command.pre.is_empty() {
@@ -200,6 +213,9 @@ pub async fn execute(
         body_file.as_ref().map(|f| f.path.clone()),
         abort,
     )?;
+    if let Some(rx) = stdin {
+        spec.stdin = Stdin::Stream(rx);
+    }
     // The reply socket, when the command offers one (`reply-socket: true`).
     let socket = crate::reply::offer(command, &inv, &mut spec)?;
     let run = match runner::run(spec).await {
@@ -604,8 +620,12 @@ fn environment(
                 }
                 None => set("REMOTE_ADDR", &h.remote_addr),
             }
-            if !inv.body.is_empty() || inv.header("content-length").is_some() {
+            // A streamed body is not in `inv.body`; its declared length is
+            // the truth then.
+            if !inv.body.is_empty() {
                 set("CONTENT_LENGTH", &inv.body.len().to_string());
+            } else if let Some(len) = inv.header("content-length") {
+                set("CONTENT_LENGTH", len);
             }
             if let Some(ct) = inv.header("content-type") {
                 set("CONTENT_TYPE", ct);

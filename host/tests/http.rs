@@ -378,3 +378,52 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
         assert_eq!((r.status, r.text().as_str()), (200, "x\n"));
     }
 }
+
+#[tokio::test]
+async fn large_bodies_stream_into_stdin_intact_and_the_cap_still_holds() {
+    let server = start(
+        r#"
+  - url: /count
+    method: POST
+    max-body: 64MiB
+    cmd: /bin/sh -c 'wc -c; tail -c 8 /dev/stdin'
+  - url: /capped
+    method: POST
+    max-body: 1MiB
+    kill-grace: 100ms
+    cmd: /bin/sh -c 'cat > /dev/null; touch {dir}/canary'
+"#,
+    )
+    .await;
+    // 20 MiB through the stream: the length and the last bytes arrive.
+    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let r = server.post("/count", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut expected = format!("{}\n", body.len()).into_bytes();
+    expected.extend_from_slice(&body[body.len() - 8..]);
+    assert_eq!(
+        r.body, expected,
+        "length and last bytes of the streamed body"
+    );
+
+    // Chunked, no length, past the cap: 413, and the command is stopped
+    // before it could act on the partial body.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(b"POST /capped HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..24 {
+        let mut c = format!("{:x}\r\n", chunk.len()).into_bytes();
+        c.extend_from_slice(&chunk);
+        c.extend_from_slice(b"\r\n");
+        if s.write_all(&c).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    read_response(&mut s).await.problem(413);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !server.dir.path().join("canary").exists(),
+        "the command ran to the end on a partial body"
+    );
+}

@@ -51,6 +51,10 @@ pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 /// Starts a server; `routes` is the YAML of the `routes:` list (indented
 /// two spaces) or a whole config when it starts with `listen:` or `-`.
 pub async fn start(yaml: &str) -> Server {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: set before the first subscriber is built, read only by it.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
     execd::telemetry::init(execd::telemetry::LogFormat::Text);
     let full = if yaml.trim_start().starts_with("listen:") || yaml.trim_start().starts_with('-') {
         yaml.to_string()

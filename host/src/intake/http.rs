@@ -12,7 +12,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Busy, Lookup};
-use crate::config::percent_decode;
+use crate::config::{PayloadTo, percent_decode};
 use crate::ids;
 use crate::pipeline::{self, HttpOrigin, Invocation, Origin, Reply};
 use crate::problem;
@@ -274,26 +274,20 @@ async fn route_request(
     if declared.is_some_and(|n| n > route.max_body) {
         return Err(too_large(route.max_body, request_id));
     }
-    let body = match Limited::new(req.into_body(), route.max_body as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Err(too_large(route.max_body, request_id));
-        }
-        Err(e) => {
-            return Err(problem::reply(
-                400,
-                "bad-request",
-                "Bad request",
-                &format!("cannot read the request body: {e}"),
-                request_id,
-            ));
-        }
+    // A large (or unannounced) body for a command that reads stdin and has
+    // no pre plugin to show it to is streamed into the command as it
+    // arrives, so execd's memory does not grow with the body.
+    let stream = route.command.pre.is_empty()
+        && route.command.payload_to == PayloadTo::Stdin
+        && !req.body().is_end_stream()
+        && declared.is_none_or(|n| n > STREAM_ABOVE);
+    let (body, incoming) = if stream {
+        (Bytes::new(), Some(req.into_body()))
+    } else {
+        (
+            read_body(req.into_body(), route.max_body, request_id).await?,
+            None,
+        )
     };
 
     // Route cap first, then the global one: a busy route cannot take every
@@ -320,11 +314,107 @@ async fn route_request(
         vars: Vec::new(),
         body,
     };
-    let reply = match pipeline::execute(&route.command, &app.plugins, inv, &shared.abort).await {
-        Ok(done) => done.reply,
-        Err(f) => f.to_reply(request_id),
+    let reply = match incoming {
+        None => match pipeline::execute(&route.command, &app.plugins, inv, &shared.abort).await {
+            Ok(done) => done.reply,
+            Err(f) => f.to_reply(request_id),
+        },
+        Some(incoming) => {
+            let abort = shared.abort.child_token();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let feeder = tokio::spawn(feed_body(incoming, tx, route.max_body, abort.clone()));
+            let result =
+                pipeline::execute_with_stdin(&route.command, &app.plugins, inv, Some(rx), &abort)
+                    .await;
+            let (end, _held) = feeder.await.unwrap_or((BodyEnd::Complete, None));
+            match end {
+                BodyEnd::TooLarge => too_large(route.max_body, request_id),
+                BodyEnd::Broken(e) => problem::reply(
+                    400,
+                    "bad-request",
+                    "Bad request",
+                    &format!("cannot read the request body: {e}"),
+                    request_id,
+                ),
+                BodyEnd::Complete => match result {
+                    Ok(done) => done.reply,
+                    Err(f) => f.to_reply(request_id),
+                },
+            }
+        }
     };
     Ok((Some(route_name), reply))
+}
+
+/// Bodies up to this size are read whole (plugins and logs can see them);
+/// larger ones are streamed when the route allows.
+const STREAM_ABOVE: u64 = 256 * 1024;
+
+async fn read_body(body: Incoming, limit: u64, request_id: &str) -> Result<Bytes, Reply> {
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large(limit, request_id))
+        }
+        Err(e) => Err(problem::reply(
+            400,
+            "bad-request",
+            "Bad request",
+            &format!("cannot read the request body: {e}"),
+            request_id,
+        )),
+    }
+}
+
+/// How a streamed body ended.
+enum BodyEnd {
+    Complete,
+    /// Past `max-body`: the command was stopped; the answer is 413.
+    TooLarge,
+    /// The client broke off; the command was stopped.
+    Broken(String),
+}
+
+/// Copies a request body into the command's stdin chunk by chunk. Past the
+/// cap, or on a broken body, the command is stopped (`abort`) so it never
+/// acts on a partial payload; the sender is handed back rather than dropped
+/// then, so the command never sees an end of input it could mistake for a
+/// complete body before it is stopped.
+async fn feed_body(
+    mut body: Incoming,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    limit: u64,
+    abort: CancellationToken,
+) -> (BodyEnd, Option<tokio::sync::mpsc::Sender<Bytes>>) {
+    use http_body_util::BodyExt as _;
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len() as u64;
+                if total > limit {
+                    abort.cancel();
+                    return (BodyEnd::TooLarge, Some(tx));
+                }
+                if tx.send(data).await.is_err() {
+                    // The command stopped reading; what it does without the
+                    // rest is its answer.
+                    return (BodyEnd::Complete, None);
+                }
+            }
+            Err(e) => {
+                abort.cancel();
+                return (BodyEnd::Broken(e.to_string()), Some(tx));
+            }
+        }
+    }
+    (BodyEnd::Complete, None)
 }
 
 fn too_large(limit: u64, request_id: &str) -> Reply {
