@@ -56,6 +56,9 @@ pub async fn serve(
     }
 }
 
+/// A per-consumer AMQP counter: metric name, help text, and its reading.
+type CounterFamily = (&'static str, &'static str, fn(&amqp::ConsumerStatus) -> u64);
+
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -153,7 +156,7 @@ fn render_metrics(state: &AdminState) -> String {
         let mut in_flight = 0usize;
         let mut connected = 0usize;
         use std::fmt::Write;
-        let families: [(&str, &str, fn(&amqp::ConsumerStatus) -> u64); 7] = [
+        let families: [CounterFamily; 7] = [
             (
                 "execd_amqp_acks_total",
                 "AMQP messages acknowledged after success, by consumer.",
