@@ -24,7 +24,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     /// Cancelled when the daemon starts draining: no longer ready.
     pub shutdown: CancellationToken,
-    pub amqp: Option<Arc<amqp::Health>>,
+    /// The AMQP consumers (an empty list when none are configured).
+    pub amqp: Arc<amqp::Health>,
 }
 
 /// Serves the admin endpoints until `stop` is cancelled.
@@ -99,18 +100,14 @@ fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
     let app = state.shared.app.load();
     let consumers: Vec<serde_json::Value> = state
         .amqp
-        .as_ref()
-        .map(|h| {
-            h.consumers
-                .iter()
-                .map(|c| {
-                    let s = c.snapshot();
-                    json!({"name": s.name, "queue": s.queue, "connected": s.connected, "last_error": s.last_error})
-                })
-                .collect()
+        .consumers()
+        .iter()
+        .map(|c| {
+            let s = c.snapshot();
+            json!({"name": s.name, "queue": s.queue, "connected": s.connected, "last_error": s.last_error})
         })
-        .unwrap_or_default();
-    let broker_ok = state.amqp.as_ref().is_none_or(|h| h.all_connected());
+        .collect();
+    let broker_ok = state.amqp.all_connected();
     let ready = !draining && broker_ok;
     (
         ready,
@@ -152,7 +149,8 @@ fn render_metrics(state: &AdminState) -> String {
         ),
     ];
     let mut text = String::new();
-    if let Some(h) = &state.amqp {
+    let consumers = state.amqp.consumers();
+    if !consumers.is_empty() {
         let mut in_flight = 0usize;
         let mut connected = 0usize;
         use std::fmt::Write;
@@ -193,7 +191,7 @@ fn render_metrics(state: &AdminState) -> String {
                 |s| s.reconnects,
             ),
         ];
-        let snaps: Vec<amqp::ConsumerStatus> = h.consumers.iter().map(|c| c.snapshot()).collect();
+        let snaps: Vec<amqp::ConsumerStatus> = consumers.iter().map(|c| c.snapshot()).collect();
         for s in &snaps {
             in_flight += s.in_flight;
             connected += usize::from(s.connected);
@@ -204,7 +202,7 @@ fn render_metrics(state: &AdminState) -> String {
                 let _ = writeln!(
                     text,
                     "{name}{{consumer=\"{}\"}} {}",
-                    s.name.replace('"', "'"),
+                    metrics::escape(&s.name),
                     get(s)
                 );
             }

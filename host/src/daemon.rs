@@ -21,8 +21,8 @@ pub struct Running {
     pub shutdown: CancellationToken,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
-    /// The AMQP consumers, when the config has an `amqp:` section.
-    amqp: Option<Workers>,
+    /// The AMQP consumers (none when the config has no `amqp:` section).
+    amqp: Workers,
     /// Where the admin listener answers, when there is one.
     pub admin_addr: Option<String>,
     /// Stops the admin listener after the drain.
@@ -52,8 +52,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
     // Consumers connect in the background: a broker that is down delays
     // them, never the HTTP intake.
-    let amqp =
-        amqp_config.map(|c| Workers::start(&c, plugins, shutdown.clone(), shared.abort.clone()));
+    let amqp = Workers::start(
+        amqp_config.as_ref(),
+        plugins,
+        shutdown.clone(),
+        shared.abort.clone(),
+    );
     let admin_stop = CancellationToken::new();
     let admin_addr = admin_listener
         .as_ref()
@@ -63,7 +67,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let state = Arc::new(crate::admin::AdminState {
             shared: shared.clone(),
             shutdown: shutdown.clone(),
-            amqp: amqp.as_ref().map(|w| w.health.clone()),
+            amqp: amqp.health.clone(),
         });
         tokio::spawn(crate::admin::serve(listener, state, admin_stop.clone()));
     }
@@ -138,9 +142,9 @@ impl Running {
         self.shared.app.load_full()
     }
 
-    /// The AMQP consumers' health, when there are consumers.
-    pub fn amqp_health(&self) -> Option<Arc<amqp::Health>> {
-        self.amqp.as_ref().map(|w| w.health.clone())
+    /// The AMQP consumers' health (an empty list without consumers).
+    pub fn amqp_health(&self) -> Arc<amqp::Health> {
+        self.amqp.health.clone()
     }
 
     /// Stops accepting requests and messages, lets running commands finish
@@ -152,9 +156,7 @@ impl Running {
         let workers = self.amqp;
         let drained = async {
             let _ = (&mut server).await;
-            if let Some(w) = &workers {
-                w.wait().await;
-            }
+            workers.wait().await;
         };
         tokio::pin!(drained);
         if tokio::time::timeout(drain, &mut drained).await.is_err() {
@@ -198,15 +200,19 @@ impl Running {
                         "listen and admin addresses change only on restart; the old ones stay"
                     );
                 }
-                if app.config.amqp.is_some() || old.config.amqp.is_some() {
-                    tracing::warn!(
-                        "the amqp section changes only on restart; consumers keep running as they are"
-                    );
-                }
                 let routes = app.config.routes.len();
+                let consumers = self
+                    .amqp
+                    .update(app.config.amqp.as_ref(), app.plugins.clone());
                 self.shared.app.store(Arc::new(app));
                 crate::metrics::inc("execd_reloads_total", &[("result", "ok")]);
-                tracing::info!(routes, "config reloaded");
+                tracing::info!(
+                    routes,
+                    consumers_kept = consumers.kept,
+                    consumers_started = consumers.started,
+                    consumers_stopped = consumers.stopped,
+                    "config reloaded"
+                );
                 Ok(())
             }
             Err(errors) => {

@@ -116,7 +116,7 @@ fn help(name: &str) -> &'static str {
     }
 }
 
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -230,9 +230,9 @@ pub async fn execute_with_stdin(
     };
     drop(body_file);
     record_run(&inv.route, &run);
-    let reply = match socket {
+    let (reply, via_reply_socket) = match socket {
         Some(s) => crate::reply::settle(command, &inv, &run, s.finish().await),
-        None => shape_reply(command, &inv, &run),
+        None => (shape_reply(command, &inv, &run), false),
     };
     if command.post.is_empty() {
         return Ok(Completed {
@@ -243,7 +243,7 @@ pub async fn execute_with_stdin(
     let names = command.post.clone();
     let plugins = plugins.clone();
     off_runtime(move || {
-        let reply = run_post(&names, &plugins, &inv, &run, reply)?;
+        let reply = run_post(&names, &plugins, &inv, &run, reply, via_reply_socket)?;
         Ok(Completed {
             reply,
             run: Some(run),
@@ -378,6 +378,7 @@ fn run_post(
     inv: &Invocation,
     run: &RunResult,
     reply: Reply,
+    via_reply_socket: bool,
 ) -> Result<Reply, Failure> {
     let info = CallInfo {
         route: &inv.route,
@@ -390,7 +391,7 @@ fn run_post(
         signal: run.signal,
         timed_out: run.timed_out,
         duration_us: run.duration.as_micros() as u64,
-        via_reply_socket: false,
+        via_reply_socket,
         stderr_tail: String::from_utf8_lossy(&run.stderr_tail).into_owned(),
     };
     let mut current = wit::Reply {

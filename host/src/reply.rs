@@ -358,12 +358,14 @@ pub fn encode(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
 /// answer (stdout is ignored) and a malformed one is a 502; a command that
 /// failed, timed out or was stopped gets the usual failure reply whatever
 /// it sent. Without a reply on the socket, stdout is the answer as always.
+/// The flag says whether the reply came from the socket (post plugins see
+/// it as `via-reply-socket`).
 pub fn settle(
     command: &CommandSpec,
     inv: &Invocation,
     run: &RunResult,
     sent: Option<Result<Reply, ReplyError>>,
-) -> Reply {
+) -> (Reply, bool) {
     let answered = !run.timed_out
         && !run.aborted
         && !run.output_overflow
@@ -377,16 +379,19 @@ pub fn settle(
                     .headers
                     .push(("content-type".into(), command.reply.content_type.clone()));
             }
-            reply
+            (reply, true)
         }
-        Some(Err(e)) if answered => problem::reply(
-            502,
-            "bad-reply",
-            "Bad reply",
-            &format!("the command's reply on the reply socket was refused: {e}"),
-            &inv.request_id,
+        Some(Err(e)) if answered => (
+            problem::reply(
+                502,
+                "bad-reply",
+                "Bad reply",
+                &format!("the command's reply on the reply socket was refused: {e}"),
+                &inv.request_id,
+            ),
+            false,
         ),
-        _ => crate::pipeline::shape_reply(command, inv, run),
+        _ => (crate::pipeline::shape_reply(command, inv, run), false),
     }
 }
 

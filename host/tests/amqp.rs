@@ -201,12 +201,12 @@ impl Worker {
         let (dir, path) = write_config(yaml);
         let config = execd::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let running = execd::daemon::start(config).await.unwrap();
-        let health = running.amqp_health().expect("the config has consumers");
+        let health = running.amqp_health();
         assert!(
             eventually(Duration::from_secs(10), || health.all_connected()).await,
             "consumers not connected: {:?}",
             health
-                .consumers
+                .consumers()
                 .iter()
                 .map(|c| c.snapshot())
                 .collect::<Vec<_>>()
@@ -218,7 +218,21 @@ impl Worker {
     }
 
     pub fn health(&self) -> Arc<execd::intake::amqp::Health> {
-        self.running.as_ref().unwrap().amqp_health().unwrap()
+        self.running.as_ref().unwrap().amqp_health()
+    }
+
+    /// Rewrites the config file (placeholders filled in as at start) and
+    /// reloads it.
+    pub async fn reload(&self, yaml: &str) -> Result<(), execd::config::ConfigErrors> {
+        let text = yaml
+            .replace("{repo}", &repo().display().to_string())
+            .replace(
+                "{fixtures}",
+                &repo().join("host/tests/fixtures").display().to_string(),
+            )
+            .replace("{dir}", &self.dir.path().display().to_string());
+        std::fs::write(self.dir.path().join("execd.yaml"), text).unwrap();
+        self.running.as_ref().unwrap().reload().await
     }
 
     pub fn record(&self) -> Vec<Run> {
@@ -409,7 +423,7 @@ async fn happy_path_runs_every_message_once_and_replies() {
         "8 x 300ms with concurrency 4 took {took:?}: not concurrent"
     );
 
-    let health = worker.health().consumers[0].snapshot();
+    let health = worker.health().consumers()[0].snapshot();
     assert_eq!(
         (
             health.acked,
@@ -521,7 +535,7 @@ async fn a_failing_script_is_retried_with_delays_then_dead_lettered_with_reasons
                 .all(|x| x.env["EXECD_REQUEST_ID"] == format!("f-{i}"))
         );
     }
-    let h = worker.health().consumers[0].snapshot();
+    let h = worker.health().consumers()[0].snapshot();
     assert_eq!(
         (h.acked, h.retried, h.dead_lettered, h.unsettled),
         (1, 12, 6, 0)
@@ -581,12 +595,12 @@ async fn exit_codes_and_timeouts_follow_the_on_exit_map() {
     let h = worker.health();
     assert!(
         eventually(Duration::from_secs(5), || {
-            let s = h.consumers[0].snapshot();
+            let s = h.consumers()[0].snapshot();
             s.acked + s.rejected + s.dead_lettered == 5
         })
         .await
     );
-    let s = h.consumers[0].snapshot();
+    let s = h.consumers()[0].snapshot();
     // 5 -> reject (gone, not dead-lettered); 6 -> ack although non-zero.
     assert_eq!((s.acked, s.rejected, s.dead_lettered), (1, 1, 3), "{s:?}");
     assert_eq!(broker.count(&dead).await, 0, "nothing else dead-lettered");
@@ -655,7 +669,7 @@ async fn reconnects_by_itself_when_the_broker_closes_the_connection() {
     std::fs::write(&hold, "").unwrap();
     let health = worker.health();
     assert!(
-        eventually(Duration::from_secs(10), || health.consumers[0]
+        eventually(Duration::from_secs(10), || health.consumers()[0]
             .snapshot()
             .in_flight
             == 4)
@@ -672,13 +686,13 @@ async fn reconnects_by_itself_when_the_broker_closes_the_connection() {
         "execd's connection should have been found and closed"
     );
     assert!(
-        eventually(Duration::from_secs(10), || health.consumers[0]
+        eventually(Duration::from_secs(10), || health.consumers()[0]
             .snapshot()
             .reconnects
             >= 1)
         .await,
         "execd should reconnect by itself: {:?}",
-        health.consumers[0].snapshot()
+        health.consumers()[0].snapshot()
     );
     let held = worker.record().len();
     std::fs::remove_file(&hold).unwrap();
@@ -692,16 +706,16 @@ async fn reconnects_by_itself_when_the_broker_closes_the_connection() {
     assert!(
         eventually(Duration::from_secs(60), || all_ran(&worker.record())).await,
         "not every message ran after the reconnect; health: {:?}",
-        health.consumers[0].snapshot()
+        health.consumers()[0].snapshot()
     );
     assert!(
         eventually(Duration::from_secs(10), || {
-            let s = health.consumers[0].snapshot();
+            let s = health.consumers()[0].snapshot();
             s.connected && s.in_flight == 0
         })
         .await
     );
-    let s = health.consumers[0].snapshot();
+    let s = health.consumers()[0].snapshot();
     assert!(
         s.last_error
             .as_deref()
@@ -999,7 +1013,7 @@ async fn poison_input_is_handled_not_fatal() {
     let h = worker.health();
     assert!(
         eventually(Duration::from_secs(5), || h
-            .consumers
+            .consumers()
             .iter()
             .map(|c| c.snapshot().acked)
             .sum::<u64>()
@@ -1033,14 +1047,14 @@ async fn shutdown_finishes_running_commands_and_acks_them() {
     }
     let h = worker.health();
     assert!(
-        eventually(Duration::from_secs(10), || h.consumers[0]
+        eventually(Duration::from_secs(10), || h.consumers()[0]
             .snapshot()
             .in_flight
             == 2)
         .await
     );
     worker.stop().await;
-    let s = h.consumers[0].snapshot();
+    let s = h.consumers()[0].snapshot();
     assert_eq!(
         (s.acked, s.in_flight, s.unsettled, s.connected),
         (2, 0, 0, false),
@@ -1084,7 +1098,7 @@ async fn the_example_worker_config_runs_its_scripts() {
     q.queue = quotes.clone();
     amqp.consumers = vec![Arc::new(m), Arc::new(q)];
     let running = execd::daemon::start(config).await.unwrap();
-    let health = running.amqp_health().unwrap();
+    let health = running.amqp_health();
     assert!(eventually(Duration::from_secs(10), || health.all_connected()).await);
 
     let replies = broker.name("example-replies");
@@ -1166,4 +1180,130 @@ async fn the_example_worker_config_runs_its_scripts() {
     let csv = String::from_utf8(r.body).unwrap();
     assert_eq!(csv.lines().count(), 1 + 29, "a header and 29 days: {csv}");
     running.stop(Duration::from_secs(10)).await;
+}
+
+/// Three consumers' worth of config: `qa` as given first, and the others.
+fn reload_config(consumers: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: off\nlimits: {{drain-timeout: 10s}}\namqp:\n  url: {BROKER}\n  consumers:\n"
+    );
+    for (queue, arg) in consumers {
+        yaml.push_str(&format!(
+            "    - queue: {queue}
+      declare: {{durable: false, arguments: {{x-expires: 600000}}}}
+      cmd: php {{fixtures}}/amqp-worker.php {arg}
+      env: {{RECORD: \"{{dir}}/record.jsonl\", HOLD: \"{{dir}}/hold\"}}
+"
+        ));
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_unchanged_consumers_and_swaps_the_rest() {
+    let broker = Broker::connect().await;
+    let (qa, qb, qc) = (
+        broker.name("reload-a"),
+        broker.name("reload-b"),
+        broker.name("reload-c"),
+    );
+    let worker = Worker::start(&reload_config(&[(&qa, "a"), (&qb, "b1")])).await;
+    let health = worker.health();
+    let a_before = health.consumers()[0].clone();
+    let b_before = health.consumers()[1].clone();
+    let since = a_before.snapshot().since_unix_ms;
+
+    // A command of the unchanged consumer runs across the reload, and so
+    // does one of the consumer that changes.
+    let hold = worker.dir.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    broker
+        .publish(&qa, b"held-a", BasicProperties::default())
+        .await;
+    broker
+        .publish(&qb, b"held-b", BasicProperties::default())
+        .await;
+    assert!(eventually(Duration::from_secs(10), || worker.record().len() == 2).await);
+
+    // qa moves down the file but keeps its settings; qb's command changes;
+    // qc is new.
+    worker
+        .reload(&reload_config(&[(&qc, "c"), (&qa, "a"), (&qb, "b2")]))
+        .await
+        .expect("the new config loads");
+    let now = health.consumers();
+    assert_eq!(
+        now.iter().map(|c| c.queue.clone()).collect::<Vec<_>>(),
+        [qc.clone(), qa.clone(), qb.clone()]
+    );
+    assert!(
+        Arc::ptr_eq(&now[1], &a_before),
+        "the unchanged consumer keeps running as it was"
+    );
+    assert!(!Arc::ptr_eq(&now[2], &b_before), "the changed one is new");
+    let a = now[1].snapshot();
+    assert!(
+        a.connected && a.reconnects == 0 && a.since_unix_ms == since,
+        "the unchanged consumer kept its connection: {a:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || health.all_connected()).await,
+        "{:?}",
+        health
+            .consumers()
+            .iter()
+            .map(|c| c.snapshot())
+            .collect::<Vec<_>>()
+    );
+
+    // The held commands finish and are acked once each, by the consumers
+    // that started them.
+    std::fs::remove_file(&hold).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || a_before.snapshot().acked == 1
+            && b_before.snapshot().acked == 1)
+        .await,
+        "a: {:?} b: {:?}",
+        a_before.snapshot(),
+        b_before.snapshot()
+    );
+    for q in [&qa, &qb, &qc] {
+        broker
+            .publish(q, b"after", BasicProperties::default())
+            .await;
+    }
+    assert!(eventually(Duration::from_secs(15), || worker.record().len() == 5).await);
+    // Let a redelivery, if there were one, show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let runs = worker.record();
+    assert_eq!(runs.len(), 5, "no message ran twice: {runs:?}");
+    let argv_of = |body: &[u8], queue: &str| {
+        runs.iter()
+            .find(|r| r.body == body && r.env.get("AMQP_QUEUE").map(String::as_str) == Some(queue))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} on {queue} did not run: {runs:?}",
+                    String::from_utf8_lossy(body)
+                )
+            })
+            .argv
+            .clone()
+    };
+    assert_eq!(argv_of(b"held-b", &qb), ["b1"], "started before the reload");
+    assert_eq!(argv_of(b"after", &qb), ["b2"], "the changed command");
+    assert_eq!(argv_of(b"after", &qa), ["a"]);
+    assert_eq!(argv_of(b"after", &qc), ["c"], "the new consumer");
+    for q in [&qa, &qb, &qc] {
+        assert_eq!(broker.count(q).await, 0, "{q} drained");
+    }
+
+    // A reload that breaks the file changes nothing.
+    let err = worker
+        .reload("amqp:\n  consumers:\n    - queue: [oops]\n")
+        .await
+        .expect_err("a broken config is refused");
+    assert!(err.to_string().contains("queue"), "{err}");
+    assert_eq!(health.consumers().len(), 3);
+    assert!(Arc::ptr_eq(&health.consumers()[1], &a_before));
+    worker.stop().await;
 }

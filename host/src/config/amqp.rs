@@ -42,7 +42,7 @@ impl std::fmt::Debug for AmqpConfig {
 }
 
 /// One queue consumer: where messages come from and what runs for each.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Consumer {
     /// For logs, `EXECD_ROUTE` and health; the queue name unless `name` says
     /// otherwise.
@@ -72,6 +72,18 @@ pub struct Consumer {
     pub command: CommandSpec,
     /// Where the consumer was defined, for messages.
     pub pos: Pos,
+}
+
+impl Consumer {
+    /// Whether `other` consumes and runs exactly as this one does; where it
+    /// stands in the file does not count. A reload keeps such a consumer
+    /// running on its channel.
+    pub fn same_settings(&self, other: &Consumer) -> bool {
+        Consumer {
+            pos: other.pos,
+            ..self.clone()
+        } == *other
+    }
 }
 
 /// How execd declares a queue.

@@ -129,8 +129,8 @@ pub enum OutputMode {
     Cgi,
 }
 
-/// What to run and how; shared by routes and (later) queue consumers.
-#[derive(Debug, Clone)]
+/// What to run and how; shared by routes and queue consumers.
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommandSpec {
     /// argv templates; the first is the program.
     pub argv: Vec<Word>,
@@ -180,7 +180,7 @@ pub struct Lockdown {
 }
 
 /// How a command's ending becomes a reply (HTTP response or RPC reply).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyShape {
     pub content_type: String,
     /// Status on exit 0.

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -58,66 +59,178 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// ...to at most this.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The running consumers of one config.
+/// The running consumers. A reload ([`Workers::update`]) keeps those whose
+/// settings did not change on their channels, stops those that went or
+/// changed (they finish what they run, settle it and close) and starts the
+/// new ones.
 pub struct Workers {
     /// What the consumers are doing, for health checks.
     pub health: Arc<Health>,
     /// One supervisor task per consumer; each ends after its drain.
     supervisors: TaskTracker,
+    /// The consumers running now, in config order.
+    running: Mutex<Vec<RunningConsumer>>,
+    /// The daemon's shutdown; every consumer's stop token is a child.
+    shutdown: CancellationToken,
+    /// The drain deadline passed: stop running commands.
+    abort: CancellationToken,
+}
+
+/// A consumer as [`Workers`] keeps it.
+struct RunningConsumer {
+    spec: Arc<Consumer>,
+    /// The broker it is connected to.
+    uri: lapin::uri::AMQPUri,
+    /// The plugins its messages go through; a reload stores the new
+    /// generation here when the consumer itself is unchanged.
+    plugins: Arc<ArcSwap<Plugins>>,
+    /// Stops this consumer alone (a child of the daemon's shutdown).
+    stop: CancellationToken,
+    health: Arc<ConsumerHealth>,
 }
 
 impl Workers {
-    /// Starts one supervisor per consumer. They stop consuming when
-    /// `shutdown` is cancelled; `abort` (the drain deadline) stops running
-    /// commands.
+    /// Starts one supervisor per consumer of `config` (none when `None`).
+    /// They stop consuming when `shutdown` is cancelled; `abort` (the drain
+    /// deadline) stops running commands.
     pub fn start(
-        config: &AmqpConfig,
+        config: Option<&AmqpConfig>,
         plugins: Arc<Plugins>,
         shutdown: CancellationToken,
         abort: CancellationToken,
     ) -> Workers {
-        let supervisors = TaskTracker::new();
-        let mut health = Vec::new();
-        for spec in &config.consumers {
-            let h = Arc::new(ConsumerHealth::new(spec));
-            health.push(h.clone());
-            let ctx = Arc::new(Ctx {
-                spec: spec.clone(),
-                route: spec.name.as_str().into(),
-                uri: config.uri.clone(),
-                url: config.url_redacted.clone(),
-                plugins: plugins.clone(),
-                slots: Arc::new(Semaphore::new(spec.concurrency)),
-                in_flight: TaskTracker::new(),
-                health: h,
-                shutdown: shutdown.clone(),
-                abort: abort.clone(),
-            });
-            supervisors.spawn(supervise(ctx));
+        let workers = Workers {
+            health: Arc::new(Health::default()),
+            supervisors: TaskTracker::new(),
+            running: Mutex::new(Vec::new()),
+            shutdown,
+            abort,
+        };
+        workers.update(config, plugins);
+        workers
+    }
+
+    /// Brings the consumers in line with a new config: unchanged consumers
+    /// (same settings, same broker) keep their connection and take the new
+    /// plugins for their next messages; changed and removed ones stop
+    /// gracefully; new and changed ones start. Returns how many consumers
+    /// were kept, started and stopped.
+    pub fn update(&self, config: Option<&AmqpConfig>, plugins: Arc<Plugins>) -> ConsumerChanges {
+        if self.shutdown.is_cancelled() {
+            return ConsumerChanges::default();
         }
-        supervisors.close();
-        Workers {
-            health: Arc::new(Health { consumers: health }),
-            supervisors,
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut old: Vec<Option<RunningConsumer>> = running.drain(..).map(Some).collect();
+        let mut changes = ConsumerChanges::default();
+        let wanted = config.map(|c| c.consumers.as_slice()).unwrap_or_default();
+        for spec in wanted {
+            let uri = &config.expect("consumers come from a config").uri;
+            let kept = old.iter_mut().find(|o| {
+                o.as_ref()
+                    .is_some_and(|o| &o.uri == uri && o.spec.same_settings(spec))
+            });
+            if let Some(slot) = kept {
+                let kept = slot.take().expect("found above");
+                kept.plugins.store(plugins.clone());
+                running.push(kept);
+                changes.kept += 1;
+                continue;
+            }
+            let config = config.expect("consumers come from a config");
+            running.push(self.spawn(spec, config, plugins.clone()));
+            changes.started += 1;
+        }
+        for gone in old.into_iter().flatten() {
+            tracing::info!(consumer = %gone.spec.name, "consumer removed or changed by a reload: finishing its running commands, then stopping");
+            gone.stop.cancel();
+            changes.stopped += 1;
+        }
+        self.health
+            .set(running.iter().map(|r| r.health.clone()).collect());
+        changes
+    }
+
+    fn spawn(
+        &self,
+        spec: &Arc<Consumer>,
+        config: &AmqpConfig,
+        plugins: Arc<Plugins>,
+    ) -> RunningConsumer {
+        let health = Arc::new(ConsumerHealth::new(spec));
+        let plugins = Arc::new(ArcSwap::new(plugins));
+        let stop = self.shutdown.child_token();
+        let ctx = Arc::new(Ctx {
+            spec: spec.clone(),
+            route: spec.name.as_str().into(),
+            uri: config.uri.clone(),
+            url: config.url_redacted.clone(),
+            plugins: plugins.clone(),
+            slots: Arc::new(Semaphore::new(spec.concurrency)),
+            in_flight: TaskTracker::new(),
+            health: health.clone(),
+            shutdown: stop.clone(),
+            abort: self.abort.clone(),
+        });
+        self.supervisors.spawn(supervise(ctx));
+        RunningConsumer {
+            spec: spec.clone(),
+            uri: config.uri.clone(),
+            plugins,
+            stop,
+            health,
         }
     }
 
-    /// Resolves when every consumer has drained and closed (after shutdown).
+    /// Resolves when every consumer, including those a reload stopped, has
+    /// drained and closed (after shutdown).
     pub async fn wait(&self) {
+        self.supervisors.close();
         self.supervisors.wait().await;
     }
+
+    /// Whether any consumer is configured.
+    pub fn is_empty(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+}
+
+/// What [`Workers::update`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerChanges {
+    /// Consumers left running on their channels.
+    pub kept: usize,
+    /// Consumers started (new, or changed).
+    pub started: usize,
+    /// Consumers stopped (removed, or changed).
+    pub stopped: usize,
 }
 
 /// Health of the AMQP intake: one entry per consumer.
+#[derive(Default)]
 pub struct Health {
-    /// In config order.
-    pub consumers: Vec<Arc<ConsumerHealth>>,
+    /// In config order; replaced by a reload.
+    consumers: Mutex<Vec<Arc<ConsumerHealth>>>,
 }
 
 impl Health {
+    /// The consumers configured now, in config order.
+    pub fn consumers(&self) -> Vec<Arc<ConsumerHealth>> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, consumers: Vec<Arc<ConsumerHealth>>) {
+        *self.consumers.lock().unwrap_or_else(|e| e.into_inner()) = consumers;
+    }
+
     /// Whether every consumer is consuming now.
     pub fn all_connected(&self) -> bool {
-        self.consumers.iter().all(|c| c.snapshot().connected)
+        self.consumers().iter().all(|c| c.snapshot().connected)
     }
 }
 
@@ -260,8 +373,9 @@ struct Ctx {
     uri: lapin::uri::AMQPUri,
     /// The broker URL without its password, for log lines.
     url: String,
-    /// The config's plugins, for `pre`/`post`.
-    plugins: Arc<Plugins>,
+    /// The plugins for `pre`/`post`; a reload that keeps this consumer
+    /// stores the new generation here.
+    plugins: Arc<ArcSwap<Plugins>>,
     /// `concurrency` permits; shared across sessions, so commands still
     /// running from a lost session count against the next one.
     slots: Arc<Semaphore>,
@@ -737,7 +851,8 @@ async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, _slot: OwnedS
             vars: Vec::new(),
             body: Bytes::from(d.data.clone()),
         };
-        match pipeline::execute(&spec.command, &ctx.plugins, inv, &ctx.abort).await {
+        let plugins = ctx.plugins.load_full();
+        match pipeline::execute(&spec.command, &plugins, inv, &ctx.abort).await {
             Ok(done) => match &done.run {
                 // A pre plugin answered; nothing ran, nothing failed.
                 None => (
