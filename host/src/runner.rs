@@ -303,6 +303,13 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
     })
 }
 
+/// The type `setrlimit` takes its resource as: glibc has an enum of its own,
+/// musl a plain int.
+#[cfg(target_env = "gnu")]
+type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type RlimitResource = libc::c_int;
+
 /// Sets user, group and rlimits for the child. Limits go in through
 /// `pre_exec` (between fork and exec); uid and gid through the standard
 /// library, which also drops supplementary groups when execd is root.
@@ -313,7 +320,7 @@ fn apply_lockdown(cmd: &mut tokio::process::Command, l: &crate::config::Lockdown
     if let Some(uid) = l.uid {
         cmd.uid(uid);
     }
-    let limits: Vec<(libc::__rlimit_resource_t, u64)> = [
+    let limits: Vec<(RlimitResource, u64)> = [
         (libc::RLIMIT_CPU, l.cpu_seconds),
         (libc::RLIMIT_AS, l.address_space),
         (libc::RLIMIT_NOFILE, l.open_files),
