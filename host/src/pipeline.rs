@@ -315,12 +315,23 @@ fn record_plugin_call<T, E: std::fmt::Display>(
     );
 }
 
-/// Runs plugin calls on a blocking thread. WASI's synchronous host calls
-/// (a plugin writing to stderr, a panic message) block on a tokio runtime of
-/// their own, which must not happen on a runtime worker.
+/// Runs plugin calls where blocking is allowed. WASI's synchronous host
+/// calls (a plugin writing to stderr, a panic message) block on the tokio
+/// runtime, which a runtime worker may only do inside `block_in_place`.
+/// On the daemon's multi-threaded runtime that is what happens: the call
+/// runs right here and the worker's other tasks move to another thread,
+/// off this request's path. A current-thread runtime (some tests) cannot
+/// do that, and sends the call to the blocking pool instead.
 async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(f)
+        }))
+        .unwrap_or_else(|_| Err(Failure::Internal("plugin call panicked".into())));
+    }
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(Failure::Internal(format!("plugin call panicked: {e}"))))
