@@ -235,6 +235,16 @@ impl Worker {
         self.running.as_ref().unwrap().reload().await
     }
 
+    /// The admin listener's address (the config must not say `admin: off`).
+    pub fn admin(&self) -> String {
+        self.running
+            .as_ref()
+            .unwrap()
+            .admin_addr
+            .clone()
+            .expect("the config has an admin listener")
+    }
+
     pub fn record(&self) -> Vec<Run> {
         read_record(&self.dir.path().join("record.jsonl"))
     }
@@ -1305,5 +1315,60 @@ async fn reload_keeps_unchanged_consumers_and_swaps_the_rest() {
     assert!(err.to_string().contains("queue"), "{err}");
     assert_eq!(health.consumers().len(), 3);
     assert!(Arc::ptr_eq(&health.consumers()[1], &a_before));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happens_to_messages() {
+    let broker = Broker::connect().await;
+    let queue = broker.name("metrics");
+    let dead = format!("{queue}.dead");
+    let yaml = consumer_config(
+        &queue,
+        &format!(
+            "      concurrency: 2
+      retry: {{max-attempts: 2, delay: 100ms}}
+      dead-letter: {dead}
+"
+        ),
+    )
+    .replace("admin: off", "admin: 127.0.0.1:0");
+    let worker = Worker::start(&yaml).await;
+    let admin = worker.admin();
+    let series = |name: &str| format!("{name}{{consumer=\"{queue}\"}}");
+    let before = crate::ops::scrape(&admin).await;
+    assert_eq!(
+        crate::ops::get(&before, "execd_amqp_consumers_connected"),
+        1.0
+    );
+    for body in ["ok-1", "ok-2", "ok-3", "fail-1"] {
+        broker.publish(&queue, body.as_bytes(), BasicProperties::default()).await;
+    }
+    broker.take(&dead, 1, Duration::from_secs(15)).await;
+    let mut after = crate::ops::scrape(&admin).await;
+    for _ in 0..50 {
+        if crate::ops::get(&after, &series("execd_amqp_acks_total")) >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = crate::ops::scrape(&admin).await;
+    }
+    let delta = |name: &str| {
+        crate::ops::get(&after, &series(name)) - crate::ops::get(&before, &series(name))
+    };
+    assert_eq!(delta("execd_amqp_acks_total"), 3.0, "three successes acked");
+    assert_eq!(delta("execd_amqp_retries_total"), 1.0, "fail-1 retried once");
+    assert_eq!(delta("execd_amqp_dead_letters_total"), 1.0, "then dead-lettered");
+    assert_eq!(delta("execd_amqp_rejects_total"), 0.0);
+    assert_eq!(crate::ops::get(&after, "execd_amqp_in_flight"), 0.0);
+    // The commands behind the messages count like a route's.
+    let route = format!("execd_command_exits_total{{route=\"{queue}\",code=\"0\"}}");
+    assert_eq!(
+        crate::ops::get(&after, &route) - crate::ops::get(&before, &route),
+        3.0,
+        "{route}"
+    );
+    let ready = request(&admin, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
     worker.stop().await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::util::*;
 
 /// Scrapes `/metrics` and parses the text format into series -> value.
-async fn scrape(admin: &str) -> HashMap<String, f64> {
+pub async fn scrape(admin: &str) -> HashMap<String, f64> {
     let r = request(admin, "GET", "/metrics", &[], b"").await;
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
@@ -27,7 +27,7 @@ async fn scrape(admin: &str) -> HashMap<String, f64> {
     out
 }
 
-fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
+pub fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 
