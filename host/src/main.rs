@@ -44,6 +44,11 @@ enum Command {
         /// (SIGHUP always reloads).
         #[arg(long)]
         watch: bool,
+        /// Keep compiled plugins in this directory (made private to execd)
+        /// and load them from there at the next start instead of compiling
+        /// again.
+        #[arg(long, env = "EXECD_PLUGIN_CACHE")]
+        plugin_cache: Option<PathBuf>,
     },
     /// Validate a config file and print its route table.
     Check {
@@ -113,7 +118,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let result = match cli.command {
-        Command::Serve { config, watch } => serve(config, watch),
+        Command::Serve {
+            config,
+            watch,
+            plugin_cache,
+        } => serve(config, watch, plugin_cache),
         Command::Check { config } => check(config),
         Command::Run {
             config,
@@ -161,7 +170,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn serve(path: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {
+fn serve(path: PathBuf, watch: bool, plugin_cache: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = plugin_cache {
+        execd::plugin::use_cache_dir(&dir)?;
+    }
     let config = config::load(&path)?;
     runtime()?.block_on(async {
         let routes = config.routes.len();

@@ -1342,7 +1342,9 @@ async fn metrics_count_what_happens_to_messages() {
         1.0
     );
     for body in ["ok-1", "ok-2", "ok-3", "fail-1"] {
-        broker.publish(&queue, body.as_bytes(), BasicProperties::default()).await;
+        broker
+            .publish(&queue, body.as_bytes(), BasicProperties::default())
+            .await;
     }
     broker.take(&dead, 1, Duration::from_secs(15)).await;
     let mut after = crate::ops::scrape(&admin).await;
@@ -1357,8 +1359,16 @@ async fn metrics_count_what_happens_to_messages() {
         crate::ops::get(&after, &series(name)) - crate::ops::get(&before, &series(name))
     };
     assert_eq!(delta("execd_amqp_acks_total"), 3.0, "three successes acked");
-    assert_eq!(delta("execd_amqp_retries_total"), 1.0, "fail-1 retried once");
-    assert_eq!(delta("execd_amqp_dead_letters_total"), 1.0, "then dead-lettered");
+    assert_eq!(
+        delta("execd_amqp_retries_total"),
+        1.0,
+        "fail-1 retried once"
+    );
+    assert_eq!(
+        delta("execd_amqp_dead_letters_total"),
+        1.0,
+        "then dead-lettered"
+    );
     assert_eq!(delta("execd_amqp_rejects_total"), 0.0);
     assert_eq!(crate::ops::get(&after, "execd_amqp_in_flight"), 0.0);
     // The commands behind the messages count like a route's.

@@ -504,3 +504,106 @@ async fn jwt_verifies_hs256_and_rs256_and_exposes_claims() {
         401
     );
 }
+
+/// Runs `execd serve --plugin-cache CACHE` on a config with an api-key
+/// route until it answers, checks the plugin guards the route, and stops
+/// it.
+fn serve_with_cache(cache: &std::path::Path) {
+    use std::process::{Command, Stdio};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_dir, path) = write_config(&format!(
+        "listen: 127.0.0.1:{port}
+admin: off
+plugins:
+  auth:
+    path: {}
+    config: {{keys: [k-cached]}}
+routes:
+  - url: /guarded
+    pre: [auth]
+    cmd: /bin/echo in
+",
+        wasm("api-key")
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["serve", "--plugin-cache"])
+        .arg(cache)
+        .arg("-c")
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(
+            eventually(Duration::from_secs(30), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok())
+            .await,
+            "execd did not start"
+        );
+        let denied = request(&addr, "GET", "/guarded", &[], b"").await;
+        assert_eq!(denied.status, 401);
+        let allowed = request(&addr, "GET", "/guarded", &[("x-api-key", "k-cached")], b"").await;
+        assert_eq!((allowed.status, allowed.text().as_str()), (200, "in\n"));
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+fn cached_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect()
+}
+
+#[test]
+fn plugin_cache_keeps_compiled_plugins_between_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+
+    serve_with_cache(&cache);
+    let files = cached_files(&cache);
+    assert_eq!(files.len(), 1, "one compiled plugin kept: {files:?}");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the cache is private");
+    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+
+    // The second start loads it instead of compiling (the file is not
+    // written again) and the plugin works the same.
+    serve_with_cache(&cache);
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        written,
+        "the cached plugin was reused"
+    );
+
+    // A damaged file is compiled again, not trusted.
+    std::fs::write(&files[0], b"not a compiled plugin").unwrap();
+    serve_with_cache(&cache);
+    assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "rewritten");
+
+    // A cache others may write to is refused: it holds native code.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["serve", "--plugin-cache"])
+        .arg(&cache)
+        .args(["-c", "/nonexistent.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by it alone"), "{err}");
+}

@@ -7,6 +7,7 @@
 //! exports at load.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -89,12 +90,94 @@ pub fn engine() -> &'static Engine {
     })
 }
 
-/// Compiles a component file for the plugin engine.
-fn compile(path: &std::path::Path) -> anyhow::Result<Component> {
+/// Where compiled plugins are kept between starts (`--plugin-cache`).
+static CACHE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Keeps compiled plugins in `dir` from now on. The directory is created
+/// if need be and must be private to execd's user: a compiled plugin is
+/// native code, loaded without further checks, so nobody else may be able
+/// to write there.
+pub fn use_cache_dir(dir: &Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    Component::from_file(engine(), path)
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("cannot load {} as a WebAssembly component", path.display()))
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the plugin cache {}", dir.display()))?;
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read the plugin cache {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.permissions().mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "the plugin cache {} must belong to uid {me} and be writable by it alone \
+             (it holds native code that execd runs); it is uid {} mode {:o}",
+            dir.display(),
+            meta.uid(),
+            meta.permissions().mode() & 0o7777
+        );
+    }
+    let _ = CACHE_DIR.set(dir.to_path_buf());
+    Ok(())
+}
+
+/// Compiles a component file for the plugin engine, or loads what an
+/// earlier start compiled from the same bytes with the same engine.
+fn compile(path: &Path) -> anyhow::Result<Component> {
+    use anyhow::Context;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let compile = || {
+        Component::new(engine(), &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("cannot load {} as a WebAssembly component", path.display()))
+    };
+    let Some(dir) = CACHE_DIR.get() else {
+        return compile();
+    };
+    let cached = dir.join(cache_name(&bytes));
+    if cached.is_file() {
+        // SAFETY: the file was written by `serialize` below into a
+        // directory only execd's user can write (checked by
+        // `use_cache_dir`), under a name that pins the wasm's bytes and the
+        // engine's settings; wasmtime checks its version and settings again.
+        match unsafe { Component::deserialize_file(engine(), &cached) } {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(plugin = %path.display(), cache = %cached.display(), error = %e, "cached plugin not usable; compiling again");
+            }
+        }
+    }
+    let component = compile()?;
+    match component.serialize() {
+        Ok(native) => {
+            // Written whole, then renamed: a concurrent start never reads
+            // half a file.
+            let tmp = dir.join(format!(".{}.tmp", crate::ids::random_hex(8)));
+            let written =
+                std::fs::write(&tmp, native).and_then(|()| std::fs::rename(&tmp, &cached));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(cache = %cached.display(), error = %e, "cannot write to the plugin cache");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(plugin = %path.display(), error = %e, "cannot serialize a compiled plugin")
+        }
+    }
+    Ok(component)
+}
+
+/// The cache file for these wasm bytes on this engine: a digest of the
+/// bytes and of what makes compiled code compatible (wasmtime's version,
+/// the engine's settings, the CPU features used).
+fn cache_name(wasm: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let digest = ring::digest::digest(&ring::digest::SHA256, wasm);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine().precompile_compatibility_hash().hash(&mut h);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{:016x}.cwasm", h.finish())
 }
 
 /// What one plugin call may use and see; lives as long as the call's store.
