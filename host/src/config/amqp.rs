@@ -446,8 +446,10 @@ fn read_consumer(
         .get("concurrency")
         .and_then(|v| r.int(v, &f.field("concurrency"), 1, 1000))
         .map_or(1, |v| v as usize);
+    // Twice the slots by default: the next message is already here when a
+    // command ends, instead of one broker round trip after its ack.
     let prefetch = match f.get("prefetch") {
-        None => concurrency as u16,
+        None => (concurrency * 2).min(65_535) as u16,
         Some(v) => match r.int(v, &f.field("prefetch"), 1, 65_535) {
             Some(p) if (p as usize) < concurrency => {
                 r.error(
@@ -981,7 +983,7 @@ amqp:
         let o = &a.consumers[0];
         assert_eq!(
             (o.name.as_str(), o.prefetch, o.concurrency),
-            ("orders", 4, 4)
+            ("orders", 8, 4)
         );
         assert_eq!(
             o.declare.as_ref().unwrap().arguments[1],

@@ -808,7 +808,7 @@ enum Verdict {
 }
 
 /// One message, start to finish: run, decide, settle, log.
-async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, _slot: OwnedSemaphorePermit) {
+async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, slot: OwnedSemaphorePermit) {
     let started = Instant::now();
     let spec = &ctx.spec;
     ctx.health.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -893,6 +893,10 @@ async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, _slot: OwnedS
         }
     };
 
+    // The command is over: its slot goes to the next message while this one
+    // is settled (the ack, or the confirmed copy for a retry or the
+    // dead-letter target, is a broker round trip).
+    drop(slot);
     let settled = settle(&ctx, &publish, &d, &msg, verdict, &ending, &reply).await;
     ctx.health.count(settled);
     ctx.health.in_flight.fetch_sub(1, Ordering::Relaxed);
