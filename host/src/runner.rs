@@ -95,8 +95,8 @@ fn tracked() -> &'static Mutex<HashSet<i32>> {
 }
 
 /// Spawns hold this shared from `spawn` until their pid is tracked; the
-/// reaper holds it exclusively while it looks for orphans, so it never sees
-/// a command that is started but not yet tracked. Shared, so spawns run in
+/// reaper holds it exclusively while it reaps orphans, so it never takes a
+/// command that is started but not yet tracked for one. Shared, so spawns run in
 /// parallel: each one blocks its thread until the child has exec'd
 /// (vfork), and one lock for all of them capped execd at one spawn at a
 /// time (about 1,200 a second on 2 cores, with a core a quarter idle).
@@ -137,17 +137,29 @@ pub fn start_orphan_reaper() {
 /// children someone else in this process may be waiting for).
 fn reap_orphans() {
     let own_group = unsafe { libc::getpgrp() };
-    let _no_spawns = SPAWNING.write().unwrap_or_else(|e| e.into_inner());
-    let guard = tracked().lock().unwrap_or_else(|e| e.into_inner());
-    for pid in children() {
-        if guard.contains(&pid) {
-            continue;
-        }
-        // SAFETY: plain syscalls on a pid; no memory is shared.
+    // SAFETY (both closures): plain syscalls on a pid; no memory is shared.
+    let in_command_group = |pid: i32| {
         let pgid = unsafe { libc::getpgid(pid) };
-        if pgid < 0 || pgid == own_group {
-            continue;
-        }
+        pgid >= 0 && pgid != own_group
+    };
+    let untracked = |pid: &i32| {
+        !tracked()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(pid)
+    };
+    // Looking costs spawns nothing; only when something may be an orphan
+    // does the reaper stop spawns, so that a command started but not yet
+    // tracked cannot pass for one, and look again.
+    let candidates: Vec<i32> = children()
+        .into_iter()
+        .filter(|&pid| untracked(&pid) && in_command_group(pid))
+        .collect();
+    if candidates.is_empty() {
+        return;
+    }
+    let _no_spawns = SPAWNING.write().unwrap_or_else(|e| e.into_inner());
+    for pid in candidates.into_iter().filter(untracked) {
         let mut status = 0;
         unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
     }

@@ -66,10 +66,7 @@ fn run_invokes_one_route_without_a_server() {
 
 #[test]
 fn serve_drains_on_sigterm_and_exits_zero() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /s\n    cmd: /bin/sleep 1\n  - url: /x\n    cmd: /bin/echo x\n"
     ));

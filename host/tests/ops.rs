@@ -193,11 +193,7 @@ async fn unix_socket_listener_answers() {
 #[test]
 fn sighup_reloads_the_binary() {
     use std::process::Command;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /v\n    cmd: /bin/echo one\n"
     ));

@@ -118,18 +118,23 @@ async fn hostile_plugin_cannot_hang_exhaust_or_escape() {
     healthy(&server).await;
 }
 
+/// The error of building a config that loads but whose plugins do not fit.
+fn build_error(yaml: &str) -> String {
+    let (_dir, path) = write_config(yaml);
+    let config = execd::config::load(&path).unwrap();
+    execd::app::App::build(std::sync::Arc::new(config))
+        .err()
+        .expect("must fail")
+        .to_string()
+}
+
 #[tokio::test]
 async fn bad_plugin_config_stops_loading_with_the_plugins_message() {
     let yaml = format!(
         "listen: 127.0.0.1:0\n{}routes: []\n",
         plugins_yaml(&[("auth", "api-key", "    config: {keys: [], header: 7}\n")])
     );
-    let (_dir, path) = write_config(&yaml);
-    let config = execd::config::load(&path).unwrap();
-    let err = execd::app::App::build(std::sync::Arc::new(config))
-        .err()
-        .expect("must fail")
-        .to_string();
+    let err = build_error(&yaml);
     assert!(
         err.contains("execd.yaml:3:3: plugins.auth: config rejected by the plugin"),
         "{err}"
@@ -142,12 +147,7 @@ async fn a_plugin_listed_under_a_phase_it_lacks_is_a_config_error() {
         "listen: 127.0.0.1:0\n{}routes:\n  - url: /a\n    post: [auth]\n    cmd: /bin/true\n",
         plugins_yaml(&[("auth", "api-key", "    config: {keys: [k]}\n")])
     );
-    let (_dir, path) = write_config(&yaml);
-    let config = execd::config::load(&path).unwrap();
-    let err = execd::app::App::build(std::sync::Arc::new(config))
-        .err()
-        .expect("must fail")
-        .to_string();
+    let err = build_error(&yaml);
     assert!(err.contains("plugin auth has no post phase"), "{err}");
 }
 
@@ -510,11 +510,7 @@ async fn jwt_verifies_hs256_and_rs256_and_exposes_claims() {
 /// it.
 fn serve_with_cache(cache: &std::path::Path) {
     use std::process::{Command, Stdio};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}
 admin: off

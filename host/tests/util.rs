@@ -37,15 +37,27 @@ pub struct Server {
 pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("execd.yaml");
-    let text = yaml
-        .replace("{repo}", &repo().display().to_string())
+    std::fs::write(&path, fill_placeholders(yaml, dir.path())).unwrap();
+    (dir, path)
+}
+
+/// `{repo}`, `{fixtures}` and `{dir}` in a test config, filled in.
+pub fn fill_placeholders(yaml: &str, dir: &std::path::Path) -> String {
+    yaml.replace("{repo}", &repo().display().to_string())
         .replace(
             "{fixtures}",
             &repo().join("host/tests/fixtures").display().to_string(),
         )
-        .replace("{dir}", &dir.path().display().to_string());
-    std::fs::write(&path, text).unwrap();
-    (dir, path)
+        .replace("{dir}", &dir.display().to_string())
+}
+
+/// A TCP port nobody listens on now, for a config the binary will bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts a server; `routes` is the YAML of the `routes:` list (indented

@@ -122,23 +122,26 @@ impl Workers {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut old: Vec<Option<RunningConsumer>> = running.drain(..).map(Some).collect();
         let mut changes = ConsumerChanges::default();
-        let wanted = config.map(|c| c.consumers.as_slice()).unwrap_or_default();
-        for spec in wanted {
-            let uri = &config.expect("consumers come from a config").uri;
-            let kept = old.iter_mut().find(|o| {
-                o.as_ref()
-                    .is_some_and(|o| &o.uri == uri && o.spec.same_settings(spec))
-            });
-            if let Some(slot) = kept {
-                let kept = slot.take().expect("found above");
-                kept.plugins.store(plugins.clone());
-                running.push(kept);
-                changes.kept += 1;
-                continue;
-            }
+        for spec in config.iter().flat_map(|c| &c.consumers) {
             let config = config.expect("consumers come from a config");
-            running.push(self.spawn(spec, config, plugins.clone()));
-            changes.started += 1;
+            let kept = old
+                .iter_mut()
+                .find(|o| {
+                    o.as_ref()
+                        .is_some_and(|o| o.uri == config.uri && o.spec.same_settings(spec))
+                })
+                .and_then(Option::take);
+            match kept {
+                Some(kept) => {
+                    kept.plugins.store(plugins.clone());
+                    running.push(kept);
+                    changes.kept += 1;
+                }
+                None => {
+                    running.push(self.spawn(spec, config, plugins.clone()));
+                    changes.started += 1;
+                }
+            }
         }
         for gone in old.into_iter().flatten() {
             tracing::info!(consumer = %gone.spec.name, "consumer removed or changed by a reload: finishing its running commands, then stopping");

@@ -400,11 +400,7 @@ impl Plugin {
             .load(&mut store, &instance)
             .map_err(|e| self.classify(e))?;
         let ctx = self.context(info);
-        match guest.call_pre(&mut store, &ctx, inv) {
-            Ok(Ok(d)) => Ok(d),
-            Ok(Err(msg)) => Err(PluginError::Rejected(msg)),
-            Err(e) => Err(self.classify(e)),
-        }
+        self.outcome(guest.call_pre(&mut store, &ctx, inv))
     }
 
     /// Runs the post phase.
@@ -425,8 +421,13 @@ impl Plugin {
             .load(&mut store, &instance)
             .map_err(|e| self.classify(e))?;
         let ctx = self.context(info);
-        match guest.call_post(&mut store, &ctx, inv, outcome, reply) {
-            Ok(Ok(r)) => Ok(r),
+        self.outcome(guest.call_post(&mut store, &ctx, inv, outcome, reply))
+    }
+
+    /// A phase's result: the plugin's answer, its refusal, or how it failed.
+    fn outcome<T>(&self, result: wasmtime::Result<Result<T, String>>) -> Result<T, PluginError> {
+        match result {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(msg)) => Err(PluginError::Rejected(msg)),
             Err(e) => Err(self.classify(e)),
         }
