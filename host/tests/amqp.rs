@@ -443,7 +443,14 @@ async fn happy_path_runs_every_message_once_and_replies() {
         "8 x 300ms with concurrency 4 took {took:?}: not concurrent"
     );
 
-    let health = worker.health().consumers()[0].snapshot();
+    // A reply can reach this test before execd has acked and counted its
+    // message.
+    let consumer = worker.health().consumers()[0].clone();
+    eventually(Duration::from_secs(5), || {
+        consumer.snapshot().in_flight == 0
+    })
+    .await;
+    let health = consumer.snapshot();
     assert_eq!(
         (
             health.acked,
