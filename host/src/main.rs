@@ -108,6 +108,10 @@ enum PluginCommand {
         #[arg(long)]
         sdk: Option<String>,
     },
+    /// Compile components from stdin to native code on stdout: how the
+    /// daemon keeps the compiler out of its own memory.
+    #[command(hide = true)]
+    CompileStdio,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -117,6 +121,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    // Plugins are compiled by a child process running this same binary
+    // (even if the file was replaced since execd started).
+    execd::plugin::compile_in_child("/proc/self/exe".into());
     let result = match cli.command {
         Command::Serve {
             config,
@@ -142,6 +149,9 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&decision)?);
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Plugin(PluginCommand::CompileStdio) => {
+            execd::plugin::compile_stdio().map(|()| ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
             execd::plugin::author::new(&name, &dir, sdk.as_deref()).map(|root| {
                 println!("created {}", root.display());

@@ -603,3 +603,44 @@ fn plugin_cache_keeps_compiled_plugins_between_starts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("writable by it alone"), "{err}");
 }
+
+/// The binary compiles plugins in a child process; what the child reports
+/// still lands on the right plugin, with the file, line and field, and a
+/// good plugin compiled in the same batch is unaffected.
+#[test]
+fn check_names_the_plugin_that_does_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"\0asm\x01\0\0\0 truncated").unwrap();
+    let (_cfg_dir, path) = write_config(&format!(
+        "plugins:
+  good:
+    path: {}
+    config: {{keys: [k]}}
+  bad:
+    path: {}
+routes:
+  - url: /guarded
+    pre: [good]
+    cmd: /bin/true
+",
+        wasm("api-key"),
+        bad.display()
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("1 error in config"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "execd.yaml:5:3: plugins.bad: cannot load {} as a WebAssembly component",
+            bad.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("plugins.good"), "{stderr}");
+}

@@ -46,11 +46,15 @@ fn pagemap_scan() -> bool {
     wasmtime::PoolingAllocationConfig::is_pagemap_scan_available()
 }
 
-/// The engine every plugin runs on, shared across config reloads so the
-/// pooling allocator's slots are reserved once.
-pub fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
+/// The engine settings plugins are compiled for and run with. Compiled
+/// code is only accepted by an engine with the same settings, so the
+/// engine that compiles and the one that runs are both built from this.
+fn engine_config(pooling: bool) -> wasmtime::Config {
+    let mut cfg = wasmtime::Config::new();
+    cfg.epoch_interruption(true)
+        .memory_init_cow(true)
+        .max_wasm_stack(512 * 1024);
+    if pooling {
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(256)
             .total_core_instances(1024)
@@ -69,12 +73,19 @@ pub fn engine() -> &'static Engine {
             .linear_memory_keep_resident(if pagemap_scan() { 4 << 20 } else { 64 << 10 })
             .table_keep_resident(if pagemap_scan() { 64 << 10 } else { 16 << 10 })
             .decommit_batch_size(16);
-        let mut cfg = wasmtime::Config::new();
-        cfg.epoch_interruption(true)
-            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
-            .memory_init_cow(true)
-            .max_wasm_stack(512 * 1024);
-        let engine = Engine::new(&cfg).expect("the plugin engine configuration is valid");
+        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    cfg
+}
+
+/// The engine every plugin runs on, shared across config reloads so the
+/// pooling allocator's slots are reserved once. It never compiles: see
+/// [`Compiler`].
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let engine =
+            Engine::new(&engine_config(true)).expect("the plugin engine configuration is valid");
         let ticker = engine.weak();
         std::thread::Builder::new()
             .name("execd-epoch".into())
@@ -122,50 +133,263 @@ pub fn use_cache_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Compiles a component file for the plugin engine, or loads what an
-/// earlier start compiled from the same bytes with the same engine.
-fn compile(path: &Path) -> anyhow::Result<Component> {
+/// Compiles components on an engine of its own.
+///
+/// Cranelift keeps its working memory (one context per compiling thread,
+/// each as large as the largest function it compiled) for as long as its
+/// engine lives. A `Compiler` compiles on a throwaway engine with the
+/// serving engine's settings and takes that memory with it when dropped;
+/// the serving engine ([`engine`]) only ever loads compiled code.
+pub(crate) struct Compiler {
+    engine: Option<Engine>,
+}
+
+impl Compiler {
+    pub(crate) fn new() -> Compiler {
+        Compiler { engine: None }
+    }
+
+    /// Native code for [`engine`] from a component's bytes.
+    pub(crate) fn native(&mut self, wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let engine = match &mut self.engine {
+            Some(e) => e,
+            None => self.engine.insert(
+                Engine::new(&engine_config(false))
+                    .map_err(|e| anyhow::anyhow!("cannot set up the plugin compiler: {e}"))?,
+            ),
+        };
+        Ok(engine.precompile_component(wasm)?)
+    }
+}
+
+impl Drop for Compiler {
+    fn drop(&mut self) {
+        let engine = self.engine.take();
+        if engine.is_some() {
+            drop(engine);
+            release_compiler_memory();
+        }
+    }
+}
+
+/// The program that compiles plugins in a child process, when set.
+static COMPILER_PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+
+/// Compiles plugins in a child process from now on: `program` run with the
+/// arguments `plugin compile-stdio` (execd's own binary: `/proc/self/exe`).
+///
+/// The compiler's code and working memory then never enter the daemon: a
+/// daemon that compiled its plugins at start-up holds what one that found
+/// them in the plugin cache holds, and a component that crashes the
+/// compiler fails its own load instead of taking the daemon down. When the
+/// child cannot be started at all, plugins are compiled in-process.
+pub fn compile_in_child(program: PathBuf) {
+    let _ = COMPILER_PROGRAM.set(program);
+}
+
+/// The child side of [`compile_in_child`]: reads components from stdin,
+/// each as a little-endian u64 length and the bytes, and answers each on
+/// stdout with a tag (0: native code follows, 1: an error message follows),
+/// a u64 length and the bytes.
+pub fn compile_stdio() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut input = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut input)?;
+    let mut inputs = Vec::new();
+    let mut rest = &input[..];
+    while !rest.is_empty() {
+        let (wasm, tail) =
+            split_frame(rest).ok_or_else(|| anyhow::anyhow!("compile-stdio: truncated input"))?;
+        inputs.push(wasm);
+        rest = tail;
+    }
+    let mut compiler = Compiler::new();
+    let mut out = std::io::stdout().lock();
+    for wasm in inputs {
+        let (tag, bytes) = match compiler.native(wasm) {
+            Ok(native) => (0u8, native),
+            Err(e) => (1u8, format!("{e:#}").into_bytes()),
+        };
+        out.write_all(&[tag])?;
+        out.write_all(&(bytes.len() as u64).to_le_bytes())?;
+        out.write_all(&bytes)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Splits a length-prefixed frame off `buf`.
+fn split_frame(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = buf.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// Native code for each component, compiled by a child process running
+/// `program`. `Err` when the child could not be started; otherwise one
+/// result per component.
+fn native_in_child(
+    program: &Path,
+    wasms: &[&[u8]],
+) -> std::io::Result<Vec<anyhow::Result<Vec<u8>>>> {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(["plugin", "compile-stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The child reads all of its input before it writes anything, so
+    // writing all, then reading all, cannot deadlock.
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let written = wasms.iter().try_for_each(|wasm| {
+        stdin.write_all(&(wasm.len() as u64).to_le_bytes())?;
+        stdin.write_all(wasm)
+    });
+    drop(stdin);
+    let mut output = Vec::new();
+    let read = child
+        .stdout
+        .take()
+        .expect("stdout is piped")
+        .read_to_end(&mut output);
+    let status = child.wait();
+    let stderr_text = errors.join().unwrap_or_default();
+    let mut results = Vec::with_capacity(wasms.len());
+    let mut rest = &output[..];
+    while results.len() < wasms.len() {
+        let Some((&tag, tail)) = rest.split_first() else {
+            break;
+        };
+        let Some((bytes, tail)) = split_frame(tail) else {
+            break;
+        };
+        rest = tail;
+        results.push(match tag {
+            0 => Ok(bytes.to_vec()),
+            _ => Err(anyhow::anyhow!("{}", String::from_utf8_lossy(bytes))),
+        });
+    }
+    if results.len() < wasms.len() {
+        let why = match (&written, &read, &status) {
+            (_, _, Ok(st)) if !st.success() => format!("it exited with {st}"),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => e.to_string(),
+            _ => "its answer was cut short".to_string(),
+        };
+        let last = stderr_text.lines().last().unwrap_or("").trim();
+        while results.len() < wasms.len() {
+            results.push(Err(anyhow::anyhow!(
+                "the plugin compiler (a child `{} plugin compile-stdio`) failed: {why}{}{last}",
+                program.display(),
+                if last.is_empty() { "" } else { "; it said: " },
+            )));
+        }
+    }
+    Ok(results)
+}
+
+/// Compiled components for these files, in order: from the plugin cache
+/// where an earlier start left them, the rest compiled (in a child process
+/// when [`compile_in_child`] was called) and, with a cache, kept there.
+fn load_components(paths: &[&Path]) -> Vec<anyhow::Result<Component>> {
     use anyhow::Context;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let compile = || {
-        Component::new(engine(), &bytes)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("cannot load {} as a WebAssembly component", path.display()))
-    };
-    let Some(dir) = CACHE_DIR.get() else {
-        return compile();
-    };
-    let cached = dir.join(cache_name(&bytes));
-    if cached.is_file() {
-        // SAFETY: the file was written by `serialize` below into a
-        // directory only execd's user can write (checked by
-        // `use_cache_dir`), under a name that pins the wasm's bytes and the
-        // engine's settings; wasmtime checks its version and settings again.
-        match unsafe { Component::deserialize_file(engine(), &cached) } {
-            Ok(c) => return Ok(c),
+    let mut out: Vec<Option<anyhow::Result<Component>>> = Vec::with_capacity(paths.len());
+    // (index, wasm bytes, cache file) of what still needs compiling.
+    let mut todo: Vec<(usize, Vec<u8>, Option<PathBuf>)> = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
             Err(e) => {
-                tracing::warn!(plugin = %path.display(), cache = %cached.display(), error = %e, "cached plugin not usable; compiling again");
+                out.push(Some(Err(
+                    anyhow::Error::from(e).context(format!("cannot read {}", path.display()))
+                )));
+                continue;
+            }
+        };
+        let cached = CACHE_DIR.get().map(|dir| dir.join(cache_name(&bytes)));
+        if let Some(file) = cached.as_deref().filter(|c| c.is_file()) {
+            // SAFETY: the file was written by `keep` into a directory only
+            // execd's user can write (checked by `use_cache_dir`), under a
+            // name that pins the wasm's bytes and the engine's settings;
+            // wasmtime checks its version and settings again.
+            match unsafe { Component::deserialize_file(engine(), file) } {
+                Ok(c) => {
+                    out.push(Some(Ok(c)));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %path.display(), cache = %file.display(), error = %e, "cached plugin not usable; compiling again");
+                }
             }
         }
+        out.push(None);
+        todo.push((i, bytes, cached));
     }
-    let component = compile()?;
-    match component.serialize() {
-        Ok(native) => {
-            // Written whole, then renamed: a concurrent start never reads
-            // half a file.
-            let tmp = dir.join(format!(".{}.tmp", crate::ids::random_hex(8)));
-            let written =
-                std::fs::write(&tmp, native).and_then(|()| std::fs::rename(&tmp, &cached));
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::warn!(cache = %cached.display(), error = %e, "cannot write to the plugin cache");
+    if todo.is_empty() {
+        return out.into_iter().flatten().collect();
+    }
+    let wasms: Vec<&[u8]> = todo.iter().map(|(_, b, _)| &b[..]).collect();
+    let in_child = COMPILER_PROGRAM
+        .get()
+        .and_then(|program| match native_in_child(program, &wasms) {
+            Ok(natives) => Some(natives),
+            Err(e) => {
+                tracing::warn!(program = %program.display(), error = %e, "cannot start the plugin compiler; compiling in-process");
+                None
             }
-        }
+        });
+    let natives = in_child.unwrap_or_else(|| {
+        let mut compiler = Compiler::new();
+        wasms.iter().map(|w| compiler.native(w)).collect()
+    });
+    for ((i, _, cached), native) in todo.into_iter().zip(natives) {
+        let path = paths[i];
+        let component = native
+            .with_context(|| format!("cannot load {} as a WebAssembly component", path.display()))
+            .and_then(|native| {
+                if let Some(c) = cached.as_deref().and_then(|file| keep(file, &native)) {
+                    return Ok(c);
+                }
+                // SAFETY: `native` is what `precompile_component` produced
+                // for an engine with `engine()`'s settings; wasmtime checks
+                // its version and settings again.
+                unsafe { Component::deserialize(engine(), &native) }
+                    .map_err(anyhow::Error::from)
+                    .with_context(|| format!("cannot load the compiled {}", path.display()))
+            });
+        out[i] = Some(component);
+    }
+    out.into_iter().flatten().collect()
+}
+
+/// Writes compiled code into the plugin cache and loads it from there (so
+/// its pages are the file's, read in as they are used); `None`, with a
+/// warning, when that fails.
+fn keep(file: &Path, native: &[u8]) -> Option<Component> {
+    // Written whole, then renamed: a concurrent start never reads half a
+    // file.
+    let tmp = file.with_file_name(format!(".{}.tmp", crate::ids::random_hex(8)));
+    if let Err(e) = std::fs::write(&tmp, native).and_then(|()| std::fs::rename(&tmp, file)) {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(cache = %file.display(), error = %e, "cannot write to the plugin cache");
+        return None;
+    }
+    // SAFETY: as for a cache hit in `load_components`; the file holds the
+    // code just compiled.
+    match unsafe { Component::deserialize_file(engine(), file) } {
+        Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!(plugin = %path.display(), error = %e, "cannot serialize a compiled plugin")
+            tracing::warn!(cache = %file.display(), error = %e, "cannot load from the plugin cache");
+            None
         }
     }
-    Ok(component)
 }
 
 /// The cache file for these wasm bytes on this engine: a digest of the
@@ -258,7 +482,10 @@ impl Plugin {
     /// Compiles and links a plugin, then checks its config through its own
     /// `validate` export.
     pub fn load(spec: &PluginSpec) -> anyhow::Result<Plugin> {
-        Self::load_compiled(spec, compile(&spec.path)?)
+        let component = load_components(&[&spec.path])
+            .pop()
+            .expect("one result per file")?;
+        Self::load_compiled(spec, component)
     }
 
     /// Like [`Plugin::load`], with the component already compiled (one
@@ -445,16 +672,26 @@ impl Plugins {
     pub fn load(specs: &[PluginSpec]) -> Result<Plugins, Vec<(PluginSpec, String)>> {
         let mut by_name = HashMap::new();
         let mut errors = Vec::new();
-        let mut compiled: HashMap<&std::path::Path, Component> = HashMap::new();
+        // Each file once, however many entries name it.
+        let mut paths: Vec<&Path> = specs.iter().map(|s| s.path.as_path()).collect();
+        paths.sort();
+        paths.dedup();
+        let compiled: HashMap<&Path, Result<Component, String>> = paths
+            .iter()
+            .copied()
+            .zip(
+                load_components(&paths)
+                    .into_iter()
+                    .map(|r| r.map_err(|e| format!("{e:#}"))),
+            )
+            .collect();
         for spec in specs {
             let started = Instant::now();
-            let component = match compiled.get(spec.path.as_path()) {
-                Some(c) => Ok(c.clone()),
-                None => compile(&spec.path).inspect(|c| {
-                    compiled.insert(&spec.path, c.clone());
-                }),
-            };
-            match component.and_then(|c| Plugin::load_compiled(spec, c)) {
+            let component = compiled[spec.path.as_path()].clone();
+            match component
+                .map_err(anyhow::Error::msg)
+                .and_then(|c| Plugin::load_compiled(spec, c))
+            {
                 Ok(p) => {
                     tracing::debug!(plugin = %spec.name, ms = started.elapsed().as_millis() as u64, pre = p.has_pre(), post = p.has_post(), "plugin loaded");
                     by_name.insert(spec.name.clone(), Arc::new(p));
@@ -462,8 +699,6 @@ impl Plugins {
                 Err(e) => errors.push((spec.clone(), format!("{e:#}"))),
             }
         }
-        drop(compiled);
-        release_compiler_memory();
         if errors.is_empty() {
             Ok(Plugins { by_name })
         } else {
