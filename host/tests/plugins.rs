@@ -644,3 +644,95 @@ routes:
     );
     assert!(!stderr.contains("plugins.good"), "{stderr}");
 }
+
+/// Context switches of every thread of a process so far.
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// An idle daemon with plugins stays asleep: the ticker that enforces
+/// plugin deadlines runs only around plugin calls (ticking every 2 ms, it
+/// alone made about 500 context switches a second). And the first call
+/// after the idle spell still has its deadline enforced.
+#[test]
+fn an_idle_daemon_sleeps_and_deadlines_hold_after_it() {
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let (_dir, path) = write_config(&format!(
+        "listen: 127.0.0.1:{port}
+admin: off
+{}routes:
+  - url: /loop
+    pre: [loop]
+    cmd: /bin/echo ran
+",
+        plugins_yaml(&[(
+            "loop",
+            "hostile",
+            "    timeout: 50ms\n    config: {mode: loop}\n"
+        )])
+    ));
+    // Stopped even when an assertion fails, so no daemon outlives the test.
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_execd"))
+            .args(["serve", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = daemon.0.id();
+    let addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(
+            eventually(Duration::from_secs(30), || std::net::TcpStream::connect(
+                &addr
+            )
+            .is_ok())
+            .await,
+            "execd did not start"
+        );
+        // Loading ran the plugin (its config check); let the ticker wind
+        // down, then watch the idle daemon.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = context_switches(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = context_switches(pid) - before;
+        assert!(
+            idle < 200,
+            "{idle} context switches in 2 s of idling (ticking would be about 1000)"
+        );
+        let started = Instant::now();
+        let r = request(&addr, "GET", "/loop", &[], b"").await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert!(
+            started.elapsed() < Duration::from_millis(50 + 450),
+            "the loop was stopped after {:?}",
+            started.elapsed()
+        );
+    });
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
+}

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
@@ -86,19 +87,85 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let engine =
             Engine::new(&engine_config(true)).expect("the plugin engine configuration is valid");
-        let ticker = engine.weak();
+        let weak = engine.weak();
         std::thread::Builder::new()
             .name("execd-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = ticker.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
+            .spawn(move || TICKER.run(weak))
             .expect("spawn the epoch ticker");
         engine
     })
+}
+
+/// How long the epoch keeps ticking after the last plugin call ends, so
+/// that steady traffic does not wake the ticker once per call.
+const TICKER_LINGER: Duration = Duration::from_secs(1);
+
+/// Advances the engine's epoch, which is what stops a plugin at its
+/// deadline, every [`TICK`], but only while plugin code may run: ticking
+/// all the time would wake an idle daemon 500 times a second (about 1% of
+/// a core, measured). A call holds a [`Ticking`] for as long as its store
+/// lives.
+struct Ticker {
+    /// Stores alive now.
+    calls: AtomicUsize,
+    /// The ticker is waiting (or about to wait) on `wake`.
+    parked: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+static TICKER: Ticker = Ticker {
+    calls: AtomicUsize::new(0),
+    parked: AtomicBool::new(false),
+    lock: Mutex::new(()),
+    wake: Condvar::new(),
+};
+
+/// Keeps the epoch ticking while it lives.
+struct Ticking(());
+
+impl Ticker {
+    fn hold(&'static self) -> Ticking {
+        // SeqCst on both sides: either the ticker sees this call before it
+        // waits, or this sees `parked` and wakes it (under the lock it
+        // holds from setting `parked` until it waits).
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+            self.wake.notify_one();
+        }
+        Ticking(())
+    }
+
+    fn run(&'static self, engine: wasmtime::EngineWeak) {
+        let mut idle_since: Option<Instant> = None;
+        while let Some(engine) = engine.upgrade() {
+            if self.calls.load(Ordering::SeqCst) > 0 {
+                idle_since = None;
+            } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= TICKER_LINGER {
+                drop(engine);
+                let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.parked.store(true, Ordering::SeqCst);
+                let guard = self
+                    .wake
+                    .wait_while(guard, |_| self.calls.load(Ordering::SeqCst) == 0)
+                    .unwrap_or_else(|e| e.into_inner());
+                self.parked.store(false, Ordering::SeqCst);
+                drop(guard);
+                idle_since = None;
+                continue;
+            }
+            engine.increment_epoch();
+            drop(engine);
+            std::thread::sleep(TICK);
+        }
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        TICKER.calls.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where compiled plugins are kept between starts (`--plugin-cache`).
@@ -413,6 +480,7 @@ pub struct CallState {
     route: Arc<str>,
     request_id: Arc<str>,
     log_lines: u32,
+    _ticking: Ticking,
 }
 
 impl WasiView for CallState {
@@ -578,6 +646,7 @@ impl Plugin {
             route: route.clone(),
             request_id: request_id.clone(),
             log_lines: 0,
+            _ticking: TICKER.hold(),
         };
         let mut store = Store::new(engine(), state);
         store.limiter(|s| &mut s.limits);
