@@ -192,37 +192,24 @@ async fn unix_socket_listener_answers() {
 
 #[test]
 fn sighup_reloads_the_binary() {
-    use std::process::Command;
     let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /v\n    cmd: /bin/echo one\n"
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
-        .args(["serve", "-c"])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let execd = Binary::serve(&[], &path, &format!("127.0.0.1:{port}"));
+    let addr = &execd.addr;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        assert!(
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
-                &addr
-            )
-            .is_ok())
-            .await
-        );
-        assert_eq!(request(&addr, "GET", "/v", &[], b"").await.text(), "one\n");
+        assert_eq!(request(addr, "GET", "/v", &[], b"").await.text(), "one\n");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("echo one", "echo two")).unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        execd.signal(libc::SIGHUP);
         let mut seen = String::new();
         for _ in 0..50 {
-            seen = request(&addr, "GET", "/v", &[], b"").await.text();
+            seen = request(addr, "GET", "/v", &[], b"").await.text();
             if seen == "two\n" {
                 break;
             }
@@ -230,8 +217,7 @@ fn sighup_reloads_the_binary() {
         }
         assert_eq!(seen, "two\n", "SIGHUP did not reload");
     });
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(execd.terminate(), Some(0));
 }
 
 #[tokio::test]

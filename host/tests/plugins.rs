@@ -509,7 +509,6 @@ async fn jwt_verifies_hs256_and_rs256_and_exposes_claims() {
 /// route until it answers, checks the plugin guards the route, and stops
 /// it.
 fn serve_with_cache(cache: &std::path::Path) {
-    use std::process::{Command, Stdio};
     let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}
@@ -525,35 +524,23 @@ routes:
 ",
         wasm("api-key")
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_execd"))
-        .args(["serve", "--plugin-cache"])
-        .arg(cache)
-        .arg("-c")
-        .arg(&path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let execd = Binary::serve(
+        &["--plugin-cache".as_ref(), cache.as_os_str()],
+        &path,
+        &format!("127.0.0.1:{port}"),
+    );
+    let addr = &execd.addr;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        assert!(
-            eventually(Duration::from_secs(30), || std::net::TcpStream::connect(
-                &addr
-            )
-            .is_ok())
-            .await,
-            "execd did not start"
-        );
-        let denied = request(&addr, "GET", "/guarded", &[], b"").await;
+        let denied = request(addr, "GET", "/guarded", &[], b"").await;
         assert_eq!(denied.status, 401);
-        let allowed = request(&addr, "GET", "/guarded", &[("x-api-key", "k-cached")], b"").await;
+        let allowed = request(addr, "GET", "/guarded", &[("x-api-key", "k-cached")], b"").await;
         assert_eq!((allowed.status, allowed.text().as_str()), (200, "in\n"));
     });
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(execd.terminate(), Some(0));
 }
 
 fn cached_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -666,7 +653,6 @@ fn context_switches(pid: u32) -> u64 {
 /// after the idle spell still has its deadline enforced.
 #[test]
 fn an_idle_daemon_sleeps_and_deadlines_hold_after_it() {
-    use std::process::{Command, Stdio};
     let port = free_port();
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}
@@ -682,38 +668,13 @@ admin: off
             "    timeout: 50ms\n    config: {mode: loop}\n"
         )])
     ));
-    // Stopped even when an assertion fails, so no daemon outlives the test.
-    struct Daemon(std::process::Child);
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_execd"))
-            .args(["serve", "-c"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = daemon.0.id();
-    let addr = format!("127.0.0.1:{port}");
+    let execd = Binary::serve(&[], &path, &format!("127.0.0.1:{port}"));
+    let (pid, addr) = (execd.pid(), &execd.addr);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        assert!(
-            eventually(Duration::from_secs(30), || std::net::TcpStream::connect(
-                &addr
-            )
-            .is_ok())
-            .await,
-            "execd did not start"
-        );
         // Loading ran the plugin (its config check); let the ticker wind
         // down, then watch the idle daemon.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -725,7 +686,7 @@ admin: off
             "{idle} context switches in 2 s of idling (ticking would be about 1000)"
         );
         let started = Instant::now();
-        let r = request(&addr, "GET", "/loop", &[], b"").await;
+        let r = request(addr, "GET", "/loop", &[], b"").await;
         assert_eq!(r.status, 500, "{}", r.text());
         assert!(
             started.elapsed() < Duration::from_millis(50 + 450),
@@ -733,6 +694,5 @@ admin: off
             started.elapsed()
         );
     });
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
+    assert_eq!(execd.terminate(), Some(0));
 }

@@ -280,3 +280,67 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
     cond()
 }
+
+/// The execd binary serving a config, for what only a real process shows
+/// (signals, exit codes, the plugin compiler child, idle behaviour). It is
+/// killed when dropped, so no daemon outlives a failed test.
+pub struct Binary {
+    child: std::process::Child,
+    pub addr: String,
+}
+
+impl Binary {
+    /// Runs `execd serve ARGS -c CONFIG` and waits until `addr` accepts
+    /// connections.
+    pub fn serve(args: &[&std::ffi::OsStr], config: &Path, addr: &str) -> Binary {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+            .arg("serve")
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start execd");
+        let mut binary = Binary {
+            child,
+            addr: addr.to_string(),
+        };
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = binary.child.try_wait() {
+                panic!("execd exited with {status} before listening on {addr}");
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "execd did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        binary
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        self.child.wait().expect("wait for execd").code()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
