@@ -109,6 +109,11 @@ fn serve_drains_on_sigterm_and_exits_zero() {
     });
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+    // The log went to a pipe: plain lines, no terminal colour codes.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("execd listening"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a piped log: {log}");
 }
 
 #[test]
