@@ -943,7 +943,7 @@ def render(plan: Plan, args, res: Results, chart: str | None) -> str:
         w("`cargo bench -p execd --bench plugins`: **not measured** in this run.\n")
     w("Over HTTP, wrk with 1 connection: each plugin route ends in the last plugin's 401, so no "
       "command runs; the baseline is a 404 that touches no plugin. µs per plugin = (time per "
-      "request − baseline's) ÷ plugins run; it includes leaving the async worker (block_in_place), building the plugin's view of the request and the route's own work beyond a 404.\n")
+      "request − baseline's) ÷ plugins run; it includes building the plugin's view of the request and the route's own work beyond a 404.\n")
     w("| route | plugins | req/s | µs/request | µs per plugin |")
     w("|---|---:|---:|---:|---:|")
     per = plugin_per_call(res)

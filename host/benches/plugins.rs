@@ -1,7 +1,6 @@
 //! Per-call cost of plugins on the real host: a fresh instance per call,
 //! as in production. `cargo bench -p execd --bench plugins` prints µs per
-//! call for one plugin and for a chain of three, and what leaving the
-//! async worker (block_in_place) adds per phase.
+//! call for one plugin and for a chain of three.
 //!
 //! Needs the plugins built (`make plugins`).
 
@@ -93,10 +92,17 @@ fn main() {
         vars: vec![],
         body: br#"{"user":"ada"}"#.to_vec(),
     };
-    let call = |p: &Plugin, inv: &wit::Invocation| match p.call_pre(&info, inv).unwrap() {
-        wit::Decision::Continue(next) => next,
-        wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
-    };
+    // Calls are awaited, as on the daemon's tasks; the runtime is entered
+    // once per call.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let call =
+        |p: &Plugin, inv: &wit::Invocation| match rt.block_on(p.call_pre(&info, inv)).unwrap() {
+            wit::Decision::Continue(next) => next,
+            wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
+        };
 
     let noop = measure(rounds, per_round, || {
         call(&hostile_ok, &inv);
@@ -109,27 +115,6 @@ fn main() {
         let b = call(&json_map, &a);
         call(&hostile_ok, &b);
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    // How the daemon leaves the async worker for a phase: block_in_place
-    // on a worker of the multi-threaded runtime (the other tasks move to
-    // another thread, this one runs the call).
-    let n = per_round * 2;
-    let hop = rt.block_on(async move {
-        tokio::spawn(async move {
-            let t = Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(tokio::task::block_in_place(|| std::hint::black_box(1)));
-                tokio::task::yield_now().await;
-            }
-            t.elapsed().as_secs_f64() * 1e6 / n as f64
-        })
-        .await
-        .unwrap()
-    });
     println!("plugin call, fresh instance per call (median of {rounds} x {per_round}):");
     println!("  no-op plugin (hostile mode ok)   {noop:8.2} µs/call");
     println!("  api-key                          {one:8.2} µs/call");
@@ -137,5 +122,4 @@ fn main() {
         "  chain api-key -> json-map -> ok  {chain:8.2} µs/chain ({:.2} µs/plugin)",
         chain / 3.0
     );
-    println!("  leaving the async worker         {hop:8.2} µs/phase (once per pre or post phase)");
 }

@@ -193,7 +193,7 @@ pub async fn execute_with_stdin(
     if !command.pre.is_empty() {
         let names = command.pre.clone();
         let plugins = plugins.clone();
-        match off_runtime(move || run_pre(&names, &plugins, inv)).await? {
+        match run_pre(&names, &plugins, inv).await? {
             PreResult::Continue(next) => inv = *next,
             // A pre plugin answered: that answer is final; post plugins
             // shape command outcomes, and there is none.
@@ -242,14 +242,11 @@ pub async fn execute_with_stdin(
     }
     let names = command.post.clone();
     let plugins = plugins.clone();
-    off_runtime(move || {
-        let reply = run_post(&names, &plugins, &inv, &run, reply, via_reply_socket)?;
-        Ok(Completed {
-            reply,
-            run: Some(run),
-        })
+    let reply = run_post(&names, &plugins, &inv, &run, reply, via_reply_socket).await?;
+    Ok(Completed {
+        reply,
+        run: Some(run),
     })
-    .await
 }
 
 fn record_run(route: &str, run: &RunResult) {
@@ -315,34 +312,16 @@ fn record_plugin_call<T, E: std::fmt::Display>(
     );
 }
 
-/// Runs plugin calls where blocking is allowed. WASI's synchronous host
-/// calls (a plugin writing to stderr, a panic message) block on the tokio
-/// runtime, which a runtime worker may only do inside `block_in_place`.
-/// On the daemon's multi-threaded runtime that is what happens: the call
-/// runs right here and the worker's other tasks move to another thread,
-/// off this request's path. A current-thread runtime (some tests) cannot
-/// do that, and sends the call to the blocking pool instead.
-async fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Failure> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tokio::task::block_in_place(f)
-        }))
-        .unwrap_or_else(|_| Err(Failure::Internal("plugin call panicked".into())));
-    }
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(Failure::Internal(format!("plugin call panicked: {e}"))))
-}
-
 enum PreResult {
     Continue(Box<Invocation>),
     Answer(Reply),
 }
 
-fn run_pre(names: &[String], plugins: &Plugins, mut inv: Invocation) -> Result<PreResult, Failure> {
+async fn run_pre(
+    names: &[String],
+    plugins: &Plugins,
+    mut inv: Invocation,
+) -> Result<PreResult, Failure> {
     let info = CallInfo {
         route: &inv.route.clone(),
         request_id: &inv.request_id.clone(),
@@ -354,7 +333,7 @@ fn run_pre(names: &[String], plugins: &Plugins, mut inv: Invocation) -> Result<P
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
         let started = std::time::Instant::now();
-        let result = plugin.call_pre(&info, &current);
+        let result = plugin.call_pre(&info, &current).await;
         record_plugin_call(name, "pre", started, &result);
         match result {
             Ok(wit::Decision::Continue(next)) => current = next,
@@ -383,7 +362,7 @@ fn run_pre(names: &[String], plugins: &Plugins, mut inv: Invocation) -> Result<P
     Ok(PreResult::Continue(Box::new(inv)))
 }
 
-fn run_post(
+async fn run_post(
     names: &[String],
     plugins: &Plugins,
     inv: &Invocation,
@@ -415,7 +394,7 @@ fn run_post(
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
         let started = std::time::Instant::now();
-        let result = plugin.call_post(&info, &winv, &outcome, &current);
+        let result = plugin.call_post(&info, &winv, &outcome, &current).await;
         record_plugin_call(name, "post", started, &result);
         match result {
             Ok(next) => current = next,

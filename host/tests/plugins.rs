@@ -35,6 +35,11 @@ async fn hostile_plugin_cannot_hang_exhaust_or_escape() {
                 "    timeout: 50ms\n    config: {mode: loop}\n"
             ),
             (
+                "sleep",
+                "hostile",
+                "    timeout: 50ms\n    config: {mode: sleep}\n"
+            ),
+            (
                 "alloc",
                 "hostile",
                 "    memory: 8MiB\n    config: {mode: alloc}\n"
@@ -51,7 +56,7 @@ async fn hostile_plugin_cannot_hang_exhaust_or_escape() {
             ("socket", "hostile", "    config: {mode: socket}\n"),
         ]),
         [
-            "loop", "alloc", "trap", "fails", "skipped", "file", "env", "socket"
+            "loop", "sleep", "alloc", "trap", "fails", "skipped", "file", "env", "socket"
         ]
         .iter()
         .map(|p| format!("  - url: /{p}\n    pre: [{p}]\n    cmd: /bin/echo ran\n"))
@@ -77,6 +82,18 @@ async fn hostile_plugin_cannot_hang_exhaust_or_escape() {
     assert!(
         started.elapsed() < Duration::from_millis(50 + 450),
         "loop stopped after {:?}",
+        started.elapsed()
+    );
+    healthy(&server).await;
+
+    // An hour's sleep is one host call: no guest code runs for the epoch
+    // to stop, and the deadline still holds.
+    let started = Instant::now();
+    let p = server.get("/sleep").await.problem(500);
+    assert_eq!(p["type"], "urn:execd:problem:plugin-failed");
+    assert!(
+        started.elapsed() < Duration::from_millis(50 + 450),
+        "sleep stopped after {:?}",
         started.elapsed()
     );
     healthy(&server).await;

@@ -164,7 +164,7 @@ pub fn run(
             if !plugin.has_pre() {
                 bail!("{} has no pre phase", wasm.display());
             }
-            match plugin.call_pre(&info, &inv)? {
+            match super::block_on(plugin.call_pre(&info, &inv))? {
                 wit::Decision::Continue(next) => Ok(json!({
                     "decision": "continue",
                     "invocation": invocation_json(&next),
@@ -195,7 +195,7 @@ pub fn run(
                 headers: header_list(&req.reply_headers)?,
                 body: req.stdout.clone().unwrap_or_default().into_bytes(),
             };
-            let r = plugin.call_post(&info, &inv, &outcome, &reply)?;
+            let r = super::block_on(plugin.call_post(&info, &inv, &outcome, &reply))?;
             Ok(json!({"decision": "reply", "reply": reply_json(&r)}))
         }
     }

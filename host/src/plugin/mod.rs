@@ -24,6 +24,8 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit/execd-plugin.wit",
         world: "plugin",
+        imports: { default: async },
+        exports: { default: async },
     });
 }
 
@@ -58,6 +60,7 @@ fn engine_config(pooling: bool) -> wasmtime::Config {
     if pooling {
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(256)
+            .total_stacks(256)
             .total_core_instances(1024)
             .total_memories(512)
             .total_tables(1024)
@@ -493,7 +496,7 @@ impl WasiView for CallState {
 }
 
 impl bindings::execd::plugin::log::Host for CallState {
-    fn log(&mut self, level: bindings::execd::plugin::log::Level, message: String) {
+    async fn log(&mut self, level: bindings::execd::plugin::log::Level, message: String) {
         use bindings::execd::plugin::log::Level;
         self.log_lines += 1;
         if self.log_lines > LOG_LINES_PER_CALL {
@@ -568,7 +571,7 @@ impl Plugin {
         }
         let engine = engine();
         let mut linker: Linker<CallState> = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::execd::plugin::log::add_to_linker::<CallState, HasSelf<CallState>>(
             &mut linker,
             |s| s,
@@ -602,14 +605,22 @@ impl Plugin {
             config,
             deadline_ticks,
         };
-        let route: Arc<str> = "(load)".into();
-        let mut store = plugin.store(&route, &route);
-        let instance = plugin.instantiate(&mut store)?;
-        let guest = plugin.config.load(&mut store, &instance)?;
-        match guest.call_validate(&mut store, &spec.config) {
+        let validated = block_on(async {
+            let route: Arc<str> = "(load)".into();
+            let mut store = plugin.store(&route, &route);
+            let instance = plugin.instantiate(&mut store).await?;
+            let guest = plugin
+                .config
+                .load(&mut store, &instance)
+                .map_err(|e| plugin.classify(e))?;
+            plugin
+                .within_deadline(guest.call_validate(&mut store, &spec.config))
+                .await
+        });
+        match validated {
             Ok(Ok(())) => Ok(plugin),
             Ok(Err(msg)) => anyhow::bail!("config rejected by the plugin: {msg}"),
-            Err(e) => Err(plugin.classify(e).into()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -655,13 +666,28 @@ impl Plugin {
         store
     }
 
-    fn instantiate(
+    async fn instantiate(
         &self,
         store: &mut Store<CallState>,
     ) -> Result<wasmtime::component::Instance, PluginError> {
         self.instance_pre
-            .instantiate(&mut *store)
+            .instantiate_async(&mut *store)
+            .await
             .map_err(|e| self.classify(e))
+    }
+
+    /// Runs a call to its end or to the plugin's deadline. The epoch stops
+    /// guest code at the deadline; this also stops a guest that waits in a
+    /// host call (a sleep, a poll) past it, where no guest code runs to be
+    /// stopped.
+    async fn within_deadline<T>(
+        &self,
+        call: impl std::future::Future<Output = wasmtime::Result<T>>,
+    ) -> Result<T, PluginError> {
+        match tokio::time::timeout(self.spec.timeout + 4 * TICK, call).await {
+            Ok(result) => result.map_err(|e| self.classify(e)),
+            Err(_) => Err(PluginError::Timeout(self.spec.timeout)),
+        }
     }
 
     fn classify(&self, e: wasmtime::Error) -> PluginError {
@@ -681,7 +707,7 @@ impl Plugin {
     }
 
     /// Runs the pre phase.
-    pub fn call_pre(
+    pub async fn call_pre(
         &self,
         info: &CallInfo<'_>,
         inv: &wit::Invocation,
@@ -691,16 +717,19 @@ impl Plugin {
             .as_ref()
             .expect("call_pre on a plugin without a pre phase");
         let mut store = self.store(info.route, info.request_id);
-        let instance = self.instantiate(&mut store)?;
+        let instance = self.instantiate(&mut store).await?;
         let guest = indices
             .load(&mut store, &instance)
             .map_err(|e| self.classify(e))?;
         let ctx = self.context(info);
-        self.outcome(guest.call_pre(&mut store, &ctx, inv))
+        let result = self
+            .within_deadline(guest.call_pre(&mut store, &ctx, inv))
+            .await;
+        self.outcome(result)
     }
 
     /// Runs the post phase.
-    pub fn call_post(
+    pub async fn call_post(
         &self,
         info: &CallInfo<'_>,
         inv: &wit::Invocation,
@@ -712,22 +741,41 @@ impl Plugin {
             .as_ref()
             .expect("call_post on a plugin without a post phase");
         let mut store = self.store(info.route, info.request_id);
-        let instance = self.instantiate(&mut store)?;
+        let instance = self.instantiate(&mut store).await?;
         let guest = indices
             .load(&mut store, &instance)
             .map_err(|e| self.classify(e))?;
         let ctx = self.context(info);
-        self.outcome(guest.call_post(&mut store, &ctx, inv, outcome, reply))
+        let result = self
+            .within_deadline(guest.call_post(&mut store, &ctx, inv, outcome, reply))
+            .await;
+        self.outcome(result)
     }
 
     /// A phase's result: the plugin's answer, its refusal, or how it failed.
-    fn outcome<T>(&self, result: wasmtime::Result<Result<T, String>>) -> Result<T, PluginError> {
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(msg)) => Err(PluginError::Rejected(msg)),
-            Err(e) => Err(self.classify(e)),
-        }
+    fn outcome<T>(&self, result: Result<Result<T, String>, PluginError>) -> Result<T, PluginError> {
+        result?.map_err(PluginError::Rejected)
     }
+}
+
+/// Runs a future to its end from synchronous code, inside a tokio runtime
+/// or not (loading plugins is synchronous and happens in both): on a
+/// thread of its own with a runtime of its own.
+pub fn block_on<F: std::future::Future + Send>(future: F) -> F::Output
+where
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds")
+                .block_on(future)
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// The plugins of one config generation, by name.

@@ -14,6 +14,7 @@
 //! | mode     | behaviour |
 //! |----------|-----------|
 //! | `loop`   | spins forever (the host's deadline must stop it) |
+//! | `sleep`  | sleeps for an hour in one host call, where no guest code runs for the epoch to stop (the host's deadline must stop it anyway) |
 //! | `alloc`  | allocates and touches 1 MiB blocks forever (the memory cap must stop it) |
 //! | `trap`   | panics, which aborts: a wasm trap |
 //! | `error`  | returns `Err("hostile error")` |
@@ -51,6 +52,7 @@ struct Settings {
 #[serde(rename_all = "lowercase")]
 enum Mode {
     Loop,
+    Sleep,
     Alloc,
     Trap,
     Error,
@@ -115,6 +117,10 @@ impl Pre for Hostile {
         let mode = settings.mode;
         let probes = match mode {
             Mode::Loop => spin(),
+            Mode::Sleep => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                return Ok(Decision::Continue(inv));
+            }
             Mode::Alloc => hoard(),
             Mode::Trap => panic!("hostile trap"),
             Mode::Error => return Err("hostile error".to_owned()),
@@ -255,7 +261,7 @@ mod tests {
     #[test]
     fn validate_accepts_the_modes_and_rejects_others() {
         for mode in [
-            "loop", "alloc", "trap", "error", "file", "env", "socket", "clock", "log", "ok",
+            "loop", "sleep", "alloc", "trap", "error", "file", "env", "socket", "clock", "log", "ok",
         ] {
             assert_eq!(
                 validate(&format!(r#"{{"mode": "{mode}"}}"#)),
