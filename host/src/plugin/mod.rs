@@ -761,7 +761,7 @@ impl Plugin {
 /// Runs a future to its end from synchronous code, inside a tokio runtime
 /// or not (loading plugins is synchronous and happens in both): on a
 /// thread of its own with a runtime of its own.
-pub fn block_on<F: std::future::Future + Send>(future: F) -> F::Output
+pub(crate) fn block_on<F: std::future::Future + Send>(future: F) -> F::Output
 where
     F::Output: Send,
 {
