@@ -31,20 +31,24 @@ fn spec(name: &str, file: &str, config: serde_json::Value) -> PluginSpec {
     }
 }
 
-/// Median of `rounds` batches of `per_round` calls, in µs per call.
-fn measure(rounds: usize, per_round: usize, mut f: impl FnMut()) -> f64 {
+/// Median of `rounds` batches of `per_round` awaited calls, in µs per
+/// call: awaited in one task, as the daemon's request tasks do.
+async fn measure<F, Fut>(rounds: usize, per_round: usize, mut f: F) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     for _ in 0..per_round {
-        f();
+        f().await;
     }
-    let mut samples: Vec<f64> = (0..rounds)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..per_round {
-                f();
-            }
-            t.elapsed().as_secs_f64() * 1e6 / per_round as f64
-        })
-        .collect();
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..per_round {
+            f().await;
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e6 / per_round as f64);
+    }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     samples[samples.len() / 2]
 }
@@ -92,28 +96,34 @@ fn main() {
         vars: vec![],
         body: br#"{"user":"ada"}"#.to_vec(),
     };
-    // Calls are awaited, as on the daemon's tasks; the runtime is entered
-    // once per call.
+    async fn call(p: &Plugin, info: &CallInfo<'_>, inv: &wit::Invocation) -> wit::Invocation {
+        match p.call_pre(info, inv).await.unwrap() {
+            wit::Decision::Continue(next) => next,
+            wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let call =
-        |p: &Plugin, inv: &wit::Invocation| match rt.block_on(p.call_pre(&info, inv)).unwrap() {
-            wit::Decision::Continue(next) => next,
-            wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
-        };
-
-    let noop = measure(rounds, per_round, || {
-        call(&hostile_ok, &inv);
-    });
-    let one = measure(rounds, per_round, || {
-        call(&api_key, &inv);
-    });
-    let chain = measure(rounds, per_round, || {
-        let a = call(&api_key, &inv);
-        let b = call(&json_map, &a);
-        call(&hostile_ok, &b);
+    let (info, inv) = (&info, &inv);
+    let (api_key, json_map, hostile_ok) = (&api_key, &json_map, &hostile_ok);
+    let (noop, one, chain) = rt.block_on(async {
+        let noop = measure(rounds, per_round, || async move {
+            call(hostile_ok, info, inv).await;
+        })
+        .await;
+        let one = measure(rounds, per_round, || async move {
+            call(api_key, info, inv).await;
+        })
+        .await;
+        let chain = measure(rounds, per_round, || async move {
+            let a = call(api_key, info, inv).await;
+            let b = call(json_map, info, &a).await;
+            call(hostile_ok, info, &b).await;
+        })
+        .await;
+        (noop, one, chain)
     });
     println!("plugin call, fresh instance per call (median of {rounds} x {per_round}):");
     println!("  no-op plugin (hostile mode ok)   {noop:8.2} µs/call");
