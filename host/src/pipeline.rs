@@ -312,6 +312,17 @@ fn record_plugin_call<T, E: std::fmt::Display>(
     );
 }
 
+/// A plugin call whose host side panicked (a bug: the guest's own faults
+/// are traps, reported as plugin failures) fails the request or message as
+/// an internal error instead of unwinding through its task.
+async fn guarded<T>(call: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .map_err(|_| Failure::Internal("plugin call panicked".into()))
+}
+
 enum PreResult {
     Continue(Box<Invocation>),
     Answer(Reply),
@@ -333,7 +344,7 @@ async fn run_pre(
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
         let started = std::time::Instant::now();
-        let result = plugin.call_pre(&info, &current).await;
+        let result = guarded(plugin.call_pre(&info, &current)).await?;
         record_plugin_call(name, "pre", started, &result);
         match result {
             Ok(wit::Decision::Continue(next)) => current = next,
@@ -394,7 +405,7 @@ async fn run_post(
             .get(name)
             .ok_or_else(|| Failure::Internal(format!("plugin {name} is not loaded")))?;
         let started = std::time::Instant::now();
-        let result = plugin.call_post(&info, &winv, &outcome, &current).await;
+        let result = guarded(plugin.call_post(&info, &winv, &outcome, &current)).await?;
         record_plugin_call(name, "post", started, &result);
         match result {
             Ok(next) => current = next,
