@@ -191,9 +191,7 @@ pub async fn execute_with_stdin(
     abort: &CancellationToken,
 ) -> Result<Completed, Failure> {
     if !command.pre.is_empty() {
-        let names = command.pre.clone();
-        let plugins = plugins.clone();
-        match run_pre(&names, &plugins, inv).await? {
+        match run_pre(&command.pre, plugins, inv).await? {
             PreResult::Continue(next) => inv = *next,
             // A pre plugin answered: that answer is final; post plugins
             // shape command outcomes, and there is none.
@@ -240,9 +238,7 @@ pub async fn execute_with_stdin(
             run: Some(run),
         });
     }
-    let names = command.post.clone();
-    let plugins = plugins.clone();
-    let reply = run_post(&names, &plugins, &inv, &run, reply, via_reply_socket).await?;
+    let reply = run_post(&command.post, plugins, &inv, &run, reply, via_reply_socket).await?;
     Ok(Completed {
         reply,
         run: Some(run),

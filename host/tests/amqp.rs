@@ -152,11 +152,7 @@ impl Drop for Broker {
         // Drop cannot wait on this runtime: a thread of its own with a
         // runtime of its own deletes the queues, also after a panic.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
+            block_on(async move {
                 let Ok(conn) = Connection::connect(BROKER, ConnectionProperties::default()).await
                 else {
                     return;

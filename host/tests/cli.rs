@@ -77,11 +77,7 @@ fn serve_drains_on_sigterm_and_exits_zero() {
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let mut up = false;
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(&addr).await.is_ok() {

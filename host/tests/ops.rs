@@ -198,11 +198,7 @@ fn sighup_reloads_the_binary() {
     ));
     let execd = Binary::serve(&[], &path, &format!("127.0.0.1:{port}"));
     let addr = &execd.addr;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         assert_eq!(request(addr, "GET", "/v", &[], b"").await.text(), "one\n");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("echo one", "echo two")).unwrap();

@@ -281,6 +281,16 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     cond()
 }
 
+/// Runs async test code from a plain `#[test]` (the ones that drive the
+/// binary, which need no runtime of their own), on a current-thread runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(future)
+}
+
 /// The execd binary serving a config, for what only a real process shows
 /// (signals, exit codes, the plugin compiler child, idle behaviour). It is
 /// killed when dropped, so no daemon outlives a failed test.
