@@ -15,7 +15,10 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
-type Labels = Vec<(&'static str, String)>;
+/// A series' labels as they appear between the braces of the text format
+/// (`route="GET /x",status="200"`): the key each series is kept under, so
+/// recording into an existing series needs no allocation.
+type Labels = String;
 
 #[derive(Default)]
 struct Histogram {
@@ -35,8 +38,36 @@ fn families() -> &'static Mutex<Families> {
     F.get_or_init(Default::default)
 }
 
-fn labels(l: &[(&'static str, &str)]) -> Labels {
-    l.iter().map(|(k, v)| (*k, (*v).to_string())).collect()
+fn write_labels(out: &mut String, l: &[(&str, &str)]) {
+    for (i, (k, v)) in l.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        escape_into(out, v);
+        out.push('"');
+    }
+}
+
+/// Runs `f` on the series `l` of `map`, created with `V::default()` the
+/// first time.
+fn with_series<V: Default, R>(
+    map: &mut BTreeMap<Labels, V>,
+    l: &[(&str, &str)],
+    f: impl FnOnce(&mut V) -> R,
+) -> R {
+    thread_local! {
+        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    KEY.with_borrow_mut(|key| {
+        key.clear();
+        write_labels(key, l);
+        match map.get_mut(key.as_str()) {
+            Some(v) => f(v),
+            None => f(map.entry(key.clone()).or_default()),
+        }
+    })
 }
 
 /// Adds one to a counter.
@@ -47,46 +78,35 @@ pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
 /// Adds `by` to a counter.
 pub fn add(name: &'static str, l: &[(&'static str, &str)], by: f64) {
     let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
-    *f.counters
-        .entry(name)
-        .or_default()
-        .entry(labels(l))
-        .or_default() += by;
+    with_series(f.counters.entry(name).or_default(), l, |v| *v += by);
 }
 
 /// Records one observation (seconds) in a histogram.
 pub fn observe(name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
     let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
-    let h = f
-        .histograms
-        .entry(name)
-        .or_default()
-        .entry(labels(l))
-        .or_default();
-    if h.counts.is_empty() {
-        h.counts = vec![0; BUCKETS.len()];
-    }
-    for (i, b) in BUCKETS.iter().enumerate() {
-        if seconds <= *b {
-            h.counts[i] += 1;
+    with_series(f.histograms.entry(name).or_default(), l, |h| {
+        if h.counts.is_empty() {
+            h.counts = vec![0; BUCKETS.len()];
         }
-    }
-    h.sum += seconds;
-    h.count += 1;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += seconds;
+        h.count += 1;
+    });
 }
 
 /// The current value of a counter (tests and health checks read these).
 pub fn counter_value(name: &str, l: &[(&str, &str)]) -> f64 {
+    let mut key = String::new();
+    write_labels(&mut key, l);
     let f = families().lock().unwrap_or_else(|e| e.into_inner());
     f.counters
         .get(name)
-        .and_then(|m| {
-            m.iter()
-                .find(|(k, _)| {
-                    k.len() == l.len() && k.iter().zip(l).all(|((a, b), (c, d))| a == c && b == d)
-                })
-                .map(|(_, v)| *v)
-        })
+        .and_then(|m| m.get(&key))
+        .copied()
         .unwrap_or(0.0)
 }
 
@@ -116,24 +136,38 @@ fn help(name: &str) -> &'static str {
     }
 }
 
+/// A label value escaped for the text format.
 pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    let mut out = String::with_capacity(v.len());
+    escape_into(&mut out, v);
+    out
 }
 
-fn write_labels(out: &mut String, l: &Labels, extra: Option<(&str, &str)>) {
+fn escape_into(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `name{labels}` or `name{labels,extra}` (just `name` when there are none).
+fn write_series(out: &mut String, name: &str, suffix: &str, l: &str, extra: Option<(&str, &str)>) {
+    out.push_str(name);
+    out.push_str(suffix);
     if l.is_empty() && extra.is_none() {
         return;
     }
     out.push('{');
-    let mut first = true;
-    for (k, v) in l.iter().map(|(k, v)| (*k, v.as_str())).chain(extra) {
-        if !first {
+    out.push_str(l);
+    if let Some((k, v)) = extra {
+        if !l.is_empty() {
             out.push(',');
         }
-        first = false;
-        let _ = write!(out, "{k}=\"{}\"", escape(v));
+        let _ = write!(out, "{k}=\"{v}\"");
     }
     out.push('}');
 }
@@ -152,8 +186,7 @@ pub fn render(gauges: &[(&str, &str, f64)]) -> String {
     for (name, series) in &f.counters {
         let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} counter", help(name));
         for (l, v) in series {
-            out.push_str(name);
-            write_labels(&mut out, l, None);
+            write_series(&mut out, name, "", l, None);
             let _ = writeln!(out, " {v}");
         }
     }
@@ -161,20 +194,68 @@ pub fn render(gauges: &[(&str, &str, f64)]) -> String {
         let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", help(name));
         for (l, h) in series {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = write!(out, "{name}_bucket");
-                write_labels(&mut out, l, Some(("le", &b.to_string())));
+                write_series(&mut out, name, "_bucket", l, Some(("le", &b.to_string())));
                 let _ = writeln!(out, " {}", h.counts[i]);
             }
-            let _ = write!(out, "{name}_bucket");
-            write_labels(&mut out, l, Some(("le", "+Inf")));
+            write_series(&mut out, name, "_bucket", l, Some(("le", "+Inf")));
             let _ = writeln!(out, " {}", h.count);
-            let _ = write!(out, "{name}_sum");
-            write_labels(&mut out, l, None);
+            write_series(&mut out, name, "_sum", l, None);
             let _ = writeln!(out, " {}", h.sum);
-            let _ = write!(out, "{name}_count");
-            write_labels(&mut out, l, None);
+            write_series(&mut out, name, "_count", l, None);
             let _ = writeln!(out, " {}", h.count);
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_render_in_the_text_format() {
+        // Names of their own: the registry is global to the test binary.
+        inc(
+            "test_metrics_total",
+            &[("route", "GET /a \"b\""), ("status", "200")],
+        );
+        add(
+            "test_metrics_total",
+            &[("route", "GET /a \"b\""), ("status", "200")],
+            2.0,
+        );
+        inc(
+            "test_metrics_total",
+            &[("route", "x\\y\nz"), ("status", "500")],
+        );
+        inc("test_metrics_plain_total", &[]);
+        observe("test_metrics_seconds", &[("route", "r")], 0.003);
+        observe("test_metrics_seconds", &[("route", "r")], 7.0);
+        assert_eq!(
+            counter_value(
+                "test_metrics_total",
+                &[("route", "GET /a \"b\""), ("status", "200")]
+            ),
+            3.0
+        );
+        assert_eq!(
+            counter_value("test_metrics_total", &[("route", "nope")]),
+            0.0
+        );
+        let text = render(&[("test_metrics_gauge", "A gauge.", 4.0)]);
+        for line in [
+            "# TYPE test_metrics_gauge gauge\ntest_metrics_gauge 4\n",
+            "test_metrics_total{route=\"GET /a \\\"b\\\"\",status=\"200\"} 3\n",
+            "test_metrics_total{route=\"x\\\\y\\nz\",status=\"500\"} 1\n",
+            "test_metrics_plain_total 1\n",
+            "test_metrics_seconds_bucket{route=\"r\",le=\"0.0025\"} 0\n",
+            "test_metrics_seconds_bucket{route=\"r\",le=\"0.005\"} 1\n",
+            "test_metrics_seconds_bucket{route=\"r\",le=\"10\"} 2\n",
+            "test_metrics_seconds_bucket{route=\"r\",le=\"+Inf\"} 2\n",
+            "test_metrics_seconds_sum{route=\"r\"} 7.003\n",
+            "test_metrics_seconds_count{route=\"r\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+    }
 }
