@@ -698,3 +698,41 @@ admin: off
     });
     assert_eq!(execd.terminate(), Some(0));
 }
+
+/// A plugin that floods the log gets 20 lines a call, each cut at 2048
+/// characters, and one warning that says the rest were dropped; the
+/// request itself goes on.
+#[test]
+fn a_flooding_plugin_is_held_to_its_log_limits() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /log\n    pre: [flood]\n    cmd: /bin/echo ran\n",
+        plugins_yaml(&[("flood", "hostile", "    config: {mode: log}\n")])
+    );
+    let (_dir, path) = write_config(&yaml);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .args(["GET", "/log"])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n");
+    let from_plugin: Vec<&str> = stderr.lines().filter(|l| l.contains("flood")).collect();
+    let long = from_plugin
+        .iter()
+        .find(|l| l.contains('é'))
+        .unwrap_or_else(|| panic!("no long line in {stderr}"));
+    assert_eq!(long.matches('é').count(), 2048, "{long}");
+    let short = from_plugin
+        .iter()
+        .filter(|l| l.contains("hostile log line"))
+        .count();
+    assert_eq!(short, 19, "20 lines in all: {stderr}");
+    let warnings = from_plugin
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("plugin log limit reached"))
+        .count();
+    assert_eq!(warnings, 1, "{stderr}");
+}

@@ -505,7 +505,16 @@ impl bindings::execd::plugin::log::Host for CallState {
             }
             return;
         }
-        let message: String = message.chars().take(2048).collect();
+        // At most 2048 characters; most lines are shorter and are not scanned.
+        let end = if message.len() <= 2048 {
+            message.len()
+        } else {
+            message
+                .char_indices()
+                .nth(2048)
+                .map_or(message.len(), |(i, _)| i)
+        };
+        let message = &message[..end];
         let (p, r, id) = (&*self.plugin, &*self.route, &*self.request_id);
         match level {
             Level::Trace => tracing::trace!(plugin = p, route = r, request_id = id, "{message}"),

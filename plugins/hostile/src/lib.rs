@@ -22,7 +22,7 @@
 //! | `env`    | tries `HOME`, counts environment variables and arguments |
 //! | `socket` | tries TCP to `127.0.0.1:22`, a DNS lookup, a UDP bind and a TCP listen |
 //! | `clock`  | answers with the wall and monotonic clocks it sees |
-//! | `log`    | logs 10 000 lines, then continues (the host's per-call rate limit must hold) |
+//! | `log`    | logs a 3000-character line and 10 000 short ones, then continues (the host's line length and per-call limits must hold) |
 //! | `ok`     | continues unchanged |
 //!
 //! `file`, `env` and `socket` never trap: they answer `200` with
@@ -126,6 +126,8 @@ impl Pre for Hostile {
             Mode::Error => return Err("hostile error".to_owned()),
             Mode::Ok => return Ok(Decision::Continue(inv)),
             Mode::Log => {
+                // One line far over the host's 2048 characters, then a flood.
+                info!("{}", "é".repeat(3000));
                 for i in 0..10_000 {
                     info!("hostile log line {i}");
                 }
