@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Instance, InstancePre, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -675,10 +675,7 @@ impl Plugin {
         store
     }
 
-    async fn instantiate(
-        &self,
-        store: &mut Store<CallState>,
-    ) -> Result<wasmtime::component::Instance, PluginError> {
+    async fn instantiate(&self, store: &mut Store<CallState>) -> Result<Instance, PluginError> {
         self.instance_pre
             .instantiate_async(&mut *store)
             .await
@@ -715,6 +712,26 @@ impl Plugin {
         }
     }
 
+    /// One call of a phase on a fresh instance: a store, the instance, the
+    /// phase's exports (`load`), then `call` within the deadline.
+    async fn call_phase<G, T>(
+        &self,
+        info: &CallInfo<'_>,
+        load: impl FnOnce(&mut Store<CallState>, &Instance) -> wasmtime::Result<G>,
+        call: impl AsyncFnOnce(
+            &G,
+            &mut Store<CallState>,
+            &wit::Context,
+        ) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, PluginError> {
+        let mut store = self.store(info.route, info.request_id);
+        let instance = self.instantiate(&mut store).await?;
+        let guest = load(&mut store, &instance).map_err(|e| self.classify(e))?;
+        let ctx = self.context(info);
+        let result = self.within_deadline(call(&guest, &mut store, &ctx)).await;
+        result?.map_err(PluginError::Rejected)
+    }
+
     /// Runs the pre phase.
     pub async fn call_pre(
         &self,
@@ -725,16 +742,12 @@ impl Plugin {
             .pre
             .as_ref()
             .expect("call_pre on a plugin without a pre phase");
-        let mut store = self.store(info.route, info.request_id);
-        let instance = self.instantiate(&mut store).await?;
-        let guest = indices
-            .load(&mut store, &instance)
-            .map_err(|e| self.classify(e))?;
-        let ctx = self.context(info);
-        let result = self
-            .within_deadline(guest.call_pre(&mut store, &ctx, inv))
-            .await;
-        self.outcome(result)
+        self.call_phase(
+            info,
+            |store, instance| indices.load(store, instance),
+            async |guest: &pre_export::Guest, store, ctx| guest.call_pre(store, ctx, inv).await,
+        )
+        .await
     }
 
     /// Runs the post phase.
@@ -749,21 +762,14 @@ impl Plugin {
             .post
             .as_ref()
             .expect("call_post on a plugin without a post phase");
-        let mut store = self.store(info.route, info.request_id);
-        let instance = self.instantiate(&mut store).await?;
-        let guest = indices
-            .load(&mut store, &instance)
-            .map_err(|e| self.classify(e))?;
-        let ctx = self.context(info);
-        let result = self
-            .within_deadline(guest.call_post(&mut store, &ctx, inv, outcome, reply))
-            .await;
-        self.outcome(result)
-    }
-
-    /// A phase's result: the plugin's answer, its refusal, or how it failed.
-    fn outcome<T>(&self, result: Result<Result<T, String>, PluginError>) -> Result<T, PluginError> {
-        result?.map_err(PluginError::Rejected)
+        self.call_phase(
+            info,
+            |store, instance| indices.load(store, instance),
+            async |guest: &post_export::Guest, store, ctx| {
+                guest.call_post(store, ctx, inv, outcome, reply).await
+            },
+        )
+        .await
     }
 }
 
