@@ -50,24 +50,26 @@ fn write_labels(out: &mut String, l: &[(&str, &str)]) {
     }
 }
 
-/// Runs `f` on the series `l` of `map`, created with `V::default()` the
-/// first time.
-fn with_series<V: Default, R>(
-    map: &mut BTreeMap<Labels, V>,
-    l: &[(&str, &str)],
-    f: impl FnOnce(&mut V) -> R,
-) -> R {
+/// Runs `f` with `l` rendered as a series key, in a per-thread buffer, so
+/// that the registry's lock is not held while it is written.
+fn with_key<R>(l: &[(&str, &str)], f: impl FnOnce(&str) -> R) -> R {
     thread_local! {
         static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
     KEY.with_borrow_mut(|key| {
         key.clear();
         write_labels(key, l);
-        match map.get_mut(key.as_str()) {
-            Some(v) => f(v),
-            None => f(map.entry(key.clone()).or_default()),
-        }
+        f(key)
     })
+}
+
+/// Runs `f` on the series `key` of `map`, created with `V::default()` the
+/// first time.
+fn with_series<V: Default>(map: &mut BTreeMap<Labels, V>, key: &str, f: impl FnOnce(&mut V)) {
+    match map.get_mut(key) {
+        Some(v) => f(v),
+        None => f(map.entry(key.to_owned()).or_default()),
+    }
 }
 
 /// Adds one to a counter.
@@ -77,24 +79,28 @@ pub fn inc(name: &'static str, l: &[(&'static str, &str)]) {
 
 /// Adds `by` to a counter.
 pub fn add(name: &'static str, l: &[(&'static str, &str)], by: f64) {
-    let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
-    with_series(f.counters.entry(name).or_default(), l, |v| *v += by);
+    with_key(l, |key| {
+        let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
+        with_series(f.counters.entry(name).or_default(), key, |v| *v += by);
+    });
 }
 
 /// Records one observation (seconds) in a histogram.
 pub fn observe(name: &'static str, l: &[(&'static str, &str)], seconds: f64) {
-    let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
-    with_series(f.histograms.entry(name).or_default(), l, |h| {
-        if h.counts.is_empty() {
-            h.counts = vec![0; BUCKETS.len()];
-        }
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
+    with_key(l, |key| {
+        let mut f = families().lock().unwrap_or_else(|e| e.into_inner());
+        with_series(f.histograms.entry(name).or_default(), key, |h| {
+            if h.counts.is_empty() {
+                h.counts = vec![0; BUCKETS.len()];
             }
-        }
-        h.sum += seconds;
-        h.count += 1;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if seconds <= *b {
+                    h.counts[i] += 1;
+                }
+            }
+            h.sum += seconds;
+            h.count += 1;
+        });
     });
 }
 
