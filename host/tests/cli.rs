@@ -1,6 +1,6 @@
 //! The `execd` binary: exit codes, `check`, `run`, and signals.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::util::*;
@@ -70,28 +70,14 @@ fn serve_drains_on_sigterm_and_exits_zero() {
     let (_dir, path) = write_config(&format!(
         "listen: 127.0.0.1:{port}\nadmin: off\nroutes:\n  - url: /s\n    cmd: /bin/sleep 1\n  - url: /x\n    cmd: /bin/echo x\n"
     ));
-    let mut child = execd()
-        .args(["serve", "-c"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let addr = format!("127.0.0.1:{port}");
+    let mut execd = Binary::serve(&[], &path, &addr);
     block_on(async {
-        let mut up = false;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(up, "execd did not start listening");
         assert_eq!(request(&addr, "GET", "/x", &[], b"").await.status, 200);
         let a = addr.clone();
         let inflight = tokio::spawn(async move { request(&a, "GET", "/s", &[], b"").await });
         tokio::time::sleep(Duration::from_millis(200)).await;
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        execd.signal(libc::SIGTERM);
         assert_eq!(
             inflight.await.unwrap().status,
             200,
@@ -103,13 +89,11 @@ fn serve_drains_on_sigterm_and_exits_zero() {
             "no longer accepting"
         );
     });
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
-    // The log went to a pipe: plain lines, no terminal colour codes.
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert_eq!(execd.wait(), Some(0));
+    // The log went to a file: plain lines, no terminal colour codes.
+    let log = execd.log();
     assert!(log.contains("execd listening"), "{log}");
-    assert!(!log.contains('\x1b'), "escape codes in a piped log: {log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log file: {log}");
 }
 
 #[test]

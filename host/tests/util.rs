@@ -292,38 +292,48 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 /// The execd binary serving a config, for what only a real process shows
-/// (signals, exit codes, the plugin compiler child, idle behaviour). It is
-/// killed when dropped, so no daemon outlives a failed test.
+/// (signals, exit codes, the plugin compiler child, idle behaviour, its log
+/// as a file or pipe gets it). It is killed when dropped, so no daemon
+/// outlives a failed test.
 pub struct Binary {
     child: std::process::Child,
     pub addr: String,
+    /// Where its stderr goes: a file, so it never blocks on a full pipe and
+    /// can be read while it runs.
+    log: tempfile::NamedTempFile,
 }
 
 impl Binary {
     /// Runs `execd serve ARGS -c CONFIG` and waits until `addr` accepts
     /// connections.
     pub fn serve(args: &[&std::ffi::OsStr], config: &Path, addr: &str) -> Binary {
+        let log = tempfile::NamedTempFile::new().expect("a log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
             .arg("serve")
             .args(args)
             .arg("-c")
             .arg(config)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log.reopen().expect("reopen the log file"))
             .spawn()
             .expect("start execd");
         let mut binary = Binary {
             child,
             addr: addr.to_string(),
+            log,
         };
         let end = std::time::Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(addr).is_err() {
             if let Ok(Some(status)) = binary.child.try_wait() {
-                panic!("execd exited with {status} before listening on {addr}");
+                panic!(
+                    "execd exited with {status} before listening on {addr}:\n{}",
+                    binary.log()
+                );
             }
             assert!(
                 std::time::Instant::now() < end,
-                "execd did not listen on {addr}"
+                "execd did not listen on {addr}:\n{}",
+                binary.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -334,15 +344,25 @@ impl Binary {
         self.child.id()
     }
 
+    /// What it has written to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).expect("read the log file")
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// Waits for it to exit and returns the exit code.
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child.wait().expect("wait for execd").code()
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         self.signal(libc::SIGTERM);
-        self.child.wait().expect("wait for execd").code()
+        self.wait()
     }
 }
 
