@@ -614,21 +614,20 @@ impl Plugin {
             config,
             deadline_ticks,
         };
-        let validated = block_on(async {
-            let route: Arc<str> = "(load)".into();
-            let mut store = plugin.store(&route, &route);
-            let instance = plugin.instantiate(&mut store).await?;
-            let guest = plugin
-                .config
-                .load(&mut store, &instance)
-                .map_err(|e| plugin.classify(e))?;
-            plugin
-                .within_deadline(guest.call_validate(&mut store, &spec.config))
-                .await
-        });
+        let route: Arc<str> = "(load)".into();
+        let validated = block_on(plugin.on_fresh_instance(
+            &route,
+            &route,
+            |store, instance| plugin.config.load(store, instance),
+            async |guest: &config_export::Guest, store| {
+                guest.call_validate(store, &spec.config).await
+            },
+        ));
         match validated {
-            Ok(Ok(())) => Ok(plugin),
-            Ok(Err(msg)) => anyhow::bail!("config rejected by the plugin: {msg}"),
+            Ok(()) => Ok(plugin),
+            Err(PluginError::Rejected(msg)) => {
+                anyhow::bail!("config rejected by the plugin: {msg}")
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -712,23 +711,20 @@ impl Plugin {
         }
     }
 
-    /// One call of a phase on a fresh instance: a store, the instance, the
-    /// phase's exports (`load`), then `call` within the deadline.
-    async fn call_phase<G, T>(
+    /// One call on a fresh instance: a store, the instance, the exports
+    /// the call needs (`load`), then `call` within the deadline. A guest's
+    /// `Err` is [`PluginError::Rejected`].
+    async fn on_fresh_instance<G, T>(
         &self,
-        info: &CallInfo<'_>,
+        route: &Arc<str>,
+        request_id: &Arc<str>,
         load: impl FnOnce(&mut Store<CallState>, &Instance) -> wasmtime::Result<G>,
-        call: impl AsyncFnOnce(
-            &G,
-            &mut Store<CallState>,
-            &wit::Context,
-        ) -> wasmtime::Result<Result<T, String>>,
+        call: impl AsyncFnOnce(&G, &mut Store<CallState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, PluginError> {
-        let mut store = self.store(info.route, info.request_id);
+        let mut store = self.store(route, request_id);
         let instance = self.instantiate(&mut store).await?;
         let guest = load(&mut store, &instance).map_err(|e| self.classify(e))?;
-        let ctx = self.context(info);
-        let result = self.within_deadline(call(&guest, &mut store, &ctx)).await;
+        let result = self.within_deadline(call(&guest, &mut store)).await;
         result?.map_err(PluginError::Rejected)
     }
 
@@ -742,10 +738,12 @@ impl Plugin {
             .pre
             .as_ref()
             .expect("call_pre on a plugin without a pre phase");
-        self.call_phase(
-            info,
+        let ctx = self.context(info);
+        self.on_fresh_instance(
+            info.route,
+            info.request_id,
             |store, instance| indices.load(store, instance),
-            async |guest: &pre_export::Guest, store, ctx| guest.call_pre(store, ctx, inv).await,
+            async |guest: &pre_export::Guest, store| guest.call_pre(store, &ctx, inv).await,
         )
         .await
     }
@@ -762,11 +760,13 @@ impl Plugin {
             .post
             .as_ref()
             .expect("call_post on a plugin without a post phase");
-        self.call_phase(
-            info,
+        let ctx = self.context(info);
+        self.on_fresh_instance(
+            info.route,
+            info.request_id,
             |store, instance| indices.load(store, instance),
-            async |guest: &post_export::Guest, store, ctx| {
-                guest.call_post(store, ctx, inv, outcome, reply).await
+            async |guest: &post_export::Guest, store| {
+                guest.call_post(store, &ctx, inv, outcome, reply).await
             },
         )
         .await
