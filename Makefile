@@ -44,6 +44,9 @@ test: setup plugins
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
+	cargo clippy --manifest-path plugins/Cargo.toml --workspace --all-targets \
+		--target-dir $(HOME)/.cache/execd/plugins-native -- -D warnings
 
 check: lint test
 

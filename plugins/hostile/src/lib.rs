@@ -263,7 +263,8 @@ mod tests {
     #[test]
     fn validate_accepts_the_modes_and_rejects_others() {
         for mode in [
-            "loop", "sleep", "alloc", "trap", "error", "file", "env", "socket", "clock", "log", "ok",
+            "loop", "sleep", "alloc", "trap", "error", "file", "env", "socket", "clock", "log",
+            "ok",
         ] {
             assert_eq!(
                 validate(&format!(r#"{{"mode": "{mode}"}}"#)),
