@@ -47,7 +47,16 @@
 //!   that the helper methods share.
 //! - [`log`] and the [`trace!`], [`debug!`], [`info!`], [`warn!`],
 //!   [`error!`] macros: the only thing a plugin may ask of the host.
-//! - [`time`]: the wall clock, for plugins that check timestamps.
+//! - `time`: the wall clock, for plugins that check timestamps (WASI's, so
+//!   absent from builds without WASI, see below).
+//!
+//! A plugin is built for `wasm32-wasip2`, or, when it needs nothing of
+//! WASI (no clock), for `wasm32-unknown-unknown` linked by
+//! `wasm-component-ld`, as `plugins/build.sh` does for the plugins that
+//! say so in their manifest. Such a component imports nothing but the log,
+//! and each call costs less (no WASI imports to wire up per instance); the
+//! SDK then brings an allocator that serves a call from the initial memory
+//! before it grows it.
 //!
 //! The bindings compile on native targets too (imports become stubs), so a
 //! plugin keeps its logic in plain functions and tests them with
@@ -58,6 +67,18 @@ mod config;
 pub mod headers;
 pub mod log;
 mod messages;
+
+// Used by the allocator of builds without WASI only; its logic is tested
+// everywhere.
+#[cfg_attr(
+    not(all(target_arch = "wasm32", target_os = "unknown")),
+    allow(dead_code)
+)]
+mod heap;
+
+// The clock is WASI's: a plugin built without WASI has none, and one that
+// asks for it fails to build instead of failing at run time.
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 pub mod time;
 
 pub use config::parse_config;
@@ -155,7 +176,8 @@ pub type NoConfig = serde::de::IgnoredAny;
 /// `export_plugin!(MyPlugin, pre, post)`. The type implements [`Plugin`] and
 /// [`Pre`] and/or [`Post`] to match. Use it once per crate, at the crate
 /// root or in any module. The crate must be a `cdylib` built for
-/// `wasm32-wasip2`, and must name this dependency `execd-plugin-sdk`
+/// `wasm32-wasip2` (or without WASI, see the crate docs), and must name
+/// this dependency `execd-plugin-sdk`
 /// (the generated code refers to `::execd_plugin_sdk`).
 ///
 /// The phases select the world the component targets (`pre-plugin`,
