@@ -11,7 +11,7 @@
 # build produces.
 #
 #   chef ──> planner ──> host (dependencies layer, then execd) ──┐
-#        └─> plugins (wasm32-wasip2) ─────────────────────────────┴─> runtime
+#        └─> plugins (wasm32, components) ────────────────────────┴─> runtime
 
 # ---- chef: the toolchain both build stages share ---------------------------
 FROM rust:1.95-slim-trixie AS chef
@@ -20,7 +20,7 @@ FROM rust:1.95-slim-trixie AS chef
 RUN apt-get update \
     && apt-get install -y --no-install-recommends musl-tools \
     && rm -rf /var/lib/apt/lists/*
-RUN rustup target add x86_64-unknown-linux-musl wasm32-wasip2 \
+RUN rustup target add x86_64-unknown-linux-musl wasm32-wasip2 wasm32-unknown-unknown \
     && cargo install cargo-chef --version 0.1.77 --locked
 WORKDIR /src
 # The same flags as `make static`, so the binary here is the one the Makefile

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds the execd plugins for wasm32-wasip2 and copies each component to
-# plugins/dist/<name>.wasm (e.g. dist/api-key.wasm).
+# Builds the execd plugins and copies each component to
+# plugins/dist/<name>.wasm (e.g. dist/api-key.wasm). A plugin builds for
+# wasm32-wasip2, or for the target its manifest names in
+# `[package.metadata.execd] target = "..."` (wasm32-unknown-unknown for a
+# plugin that needs nothing of WASI; .cargo/config.toml links it).
 #
 #   plugins/build.sh                    # every plugin in this workspace
 #   plugins/build.sh api-key jwt        # just these
@@ -24,7 +27,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 target_dir=${PLUGINS_TARGET_DIR:-$HOME/.cache/execd/plugins-target}
 jobs=${CARGO_BUILD_JOBS:-2}
 dist="$here/dist"
-wasm_target=wasm32-wasip2
+default_target=wasm32-wasip2
 
 check_template=false
 verify=false
@@ -69,10 +72,25 @@ else
     plugins=("${all_plugins[@]}")
 fi
 
-packages=()
-for name in "${plugins[@]}"; do packages+=(-p "$name"); done
-cargo build --manifest-path "$here/Cargo.toml" --release --target "$wasm_target" \
-    --target-dir "$target_dir" -j "$jobs" "${packages[@]}"
+# The target a plugin's manifest names, or the default.
+target_of() {
+    local target
+    target=$(sed -n '/^\[package.metadata.execd\]/,/^\[/s/^target = "\(.*\)"$/\1/p' "$here/$1/Cargo.toml")
+    echo "${target:-$default_target}"
+}
+
+# One cargo build per target. It runs from here, so that
+# .cargo/config.toml (the linker and memory of builds without WASI) applies.
+declare -A target_for
+for name in "${plugins[@]}"; do target_for[$name]=$(target_of "$name"); done
+for target in $(printf '%s\n' "${target_for[@]}" | sort -u); do
+    packages=()
+    for name in "${plugins[@]}"; do
+        [[ "${target_for[$name]}" == "$target" ]] && packages+=(-p "$name")
+    done
+    (cd "$here" && cargo build --release --target "$target" \
+        --target-dir "$target_dir" -j "$jobs" "${packages[@]}")
+done
 
 # Copies $1 to $2 unless $2 already holds the same bytes.
 copy_if_changed() {
@@ -85,7 +103,7 @@ copy_if_changed() {
 
 mkdir -p "$dist"
 for name in "${plugins[@]}"; do
-    copy_if_changed "$target_dir/$wasm_target/release/${name//-/_}.wasm" "$dist/$name.wasm"
+    copy_if_changed "$target_dir/${target_for[$name]}/release/${name//-/_}.wasm" "$dist/$name.wasm"
 done
 if ((${#requested[@]} == 0)); then
     # A plugin that was removed or renamed leaves no stale component behind.
@@ -146,7 +164,7 @@ if $check_template; then
         echo "build.sh: the template has a placeholder other than {{name}} and {{sdk}}" >&2
         exit 1
     fi
-    cargo build --manifest-path "$check_dir/Cargo.toml" --release --target "$wasm_target" \
+    cargo build --manifest-path "$check_dir/Cargo.toml" --release --target "$default_target" \
         --target-dir "$target_dir" -j "$jobs"
-    echo "template builds: $target_dir/$wasm_target/release/execd_template_check.wasm"
+    echo "template builds: $target_dir/$default_target/release/execd_template_check.wasm"
 fi

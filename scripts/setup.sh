@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what execd's build, demo and tests need and is missing:
-#   - the wasm32-wasip2 Rust target (plugins), with rustup
+#   - the wasm32-wasip2 and wasm32-unknown-unknown Rust targets (plugins), with rustup
 #   - php-cli (the example and test scripts), with apt-get when root
 #   - a RabbitMQ broker answering on 127.0.0.1:5672 (AMQP tests), started
 #     with `rabbitmq-server -detached`, installed with apt-get when missing
@@ -49,10 +49,13 @@ if ! command -v cargo >/dev/null; then
   say "cargo is missing: install Rust with rustup (https://rustup.rs) and run again"
   exit 1
 fi
-if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-  say "rustup target add wasm32-wasip2"
-  rustup target add wasm32-wasip2 >&2
-fi
+# Plugins build for wasm32-wasip2, or without WASI for wasm32-unknown-unknown.
+for wasm_target in wasm32-wasip2 wasm32-unknown-unknown; do
+  if ! rustup target list --installed 2>/dev/null | grep -qx "$wasm_target"; then
+    say "rustup target add $wasm_target"
+    rustup target add "$wasm_target" >&2
+  fi
+done
 
 command -v php >/dev/null || apt_install php-cli
 

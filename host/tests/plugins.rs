@@ -228,6 +228,64 @@ async fn json_map_picks_fields_and_rejects_missing_ones() {
     assert!(p["detail"].as_str().unwrap().contains("not JSON"), "{p}");
 }
 
+/// json-map is built without WASI and serves small calls from its initial
+/// memory (640 KiB, `plugins/.cargo/config.toml`); a 1.3 MB body has to
+/// grow it, and every byte must come through the move from one allocator to
+/// the other.
+#[tokio::test]
+async fn json_map_rewrites_a_body_larger_than_its_initial_memory() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /m\n    method: POST\n    pre: [map]\n    cmd: php {{fixtures}}/argv.php ${{var.user}}\n",
+        plugins_yaml(&[(
+            "map",
+            "json-map",
+            "    memory: 64MiB\n    config:\n      fields:\n        user: {pointer: /user/id, required: true}\n      body: {who: \"${/user/id}\", rows: \"${/rows}\"}\n"
+        )])
+    );
+    let server = start(&yaml).await;
+    let rows: Vec<serde_json::Value> = (0..12_000)
+        .map(|i| serde_json::json!({"n": i, "text": format!("row {i} {}", "of the large body ".repeat(5))}))
+        .collect();
+    let sent = serde_json::json!({"user": {"id": "u-big"}, "rows": rows});
+    let bytes = serde_json::to_vec(&sent).unwrap();
+    assert!(bytes.len() > 1_000_000, "{} bytes", bytes.len());
+    let r = server.post("/m", &bytes).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(b64(out["argv"][0].as_str().unwrap()), b"u-big");
+    let body: serde_json::Value =
+        serde_json::from_slice(&b64(out["stdin"].as_str().unwrap())).unwrap();
+    assert_eq!(body, serde_json::json!({"who": "u-big", "rows": rows}));
+}
+
+/// The shipped plugins that need nothing of WASI are built without it: they
+/// import only the contract (its types and, when they log, its log).
+#[test]
+fn plugins_built_without_wasi_import_only_the_contract() {
+    let engine = wasmtime::Engine::default();
+    let imports = |name: &str| -> Vec<String> {
+        let component = wasmtime::component::Component::from_file(&engine, wasm(name)).unwrap();
+        component
+            .component_type()
+            .imports(&engine)
+            .map(|(import, _)| import.to_string())
+            .collect()
+    };
+    for name in ["api-key", "json-map", "response-shape"] {
+        let found = imports(name);
+        assert!(
+            found.iter().all(|i| i.starts_with("execd:plugin/")),
+            "{name} imports {found:?}"
+        );
+    }
+    // jwt reads the clock, so it keeps WASI (and what it imports shows it).
+    let jwt = imports("jwt");
+    assert!(
+        jwt.iter().any(|i| i.starts_with("wasi:clocks/wall-clock")),
+        "{jwt:?}"
+    );
+}
+
 #[tokio::test]
 async fn response_shape_wraps_output_in_an_envelope() {
     let yaml = format!(
