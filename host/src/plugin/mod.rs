@@ -476,7 +476,10 @@ fn cache_name(wasm: &[u8]) -> String {
 
 /// What one plugin call may use and see; lives as long as the call's store.
 pub struct CallState {
-    wasi: WasiCtx,
+    /// Built at the guest's first WASI call: most calls make none (a
+    /// component built without WASI cannot), and building it seeds two
+    /// random number generators.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     limits: StoreLimits,
     plugin: Arc<str>,
@@ -489,10 +492,20 @@ pub struct CallState {
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self.wasi.get_or_insert_with(sandboxed_wasi),
             table: &mut self.table,
         }
     }
+}
+
+/// A plugin's WASI: nothing granted. No preopened directories, no
+/// environment, no arguments, no sockets, stdio discarded.
+fn sandboxed_wasi() -> WasiCtx {
+    WasiCtx::builder()
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
 }
 
 impl bindings::execd::plugin::log::Host for CallState {
@@ -646,13 +659,7 @@ impl Plugin {
 
     fn store(&self, route: &Arc<str>, request_id: &Arc<str>) -> Store<CallState> {
         let state = CallState {
-            // Nothing granted: no preopened directories, no environment, no
-            // arguments, no sockets, stdio discarded.
-            wasi: WasiCtx::builder()
-                .allow_tcp(false)
-                .allow_udp(false)
-                .allow_ip_name_lookup(false)
-                .build(),
+            wasi: None,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.spec.memory as usize)
