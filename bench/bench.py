@@ -4,7 +4,7 @@
     make bench          # full run: writes docs/benchmarks.md and docs/benchmarks.png
     make bench-smoke    # one short iteration of every scenario; writes nothing
 
-The scenarios are issue 6's: (1) a trivial command over HTTP, (2) a PHP
+The scenarios: (1) a trivial command over HTTP, (2) a PHP
 route, (3) a large request body, (4) plugins, (5) AMQP, (6) memory and
 start-up. Each runs execd and its peers in the same process of this script,
 on 127.0.0.1 only, alternating the peers round by round (the order rotates,
@@ -879,7 +879,7 @@ def render(plan: Plan, args, res: Results, chart: str | None) -> str:
             w(f"| AMQP `cat` (msg/s vs amqp-consume; vs spawner) | {conc} | {fx(ratio(e, ac))} | — | {fx(ratio(e, sp))} |")
     w("")
 
-    w("## Targets (issue 6)\n")
+    w("## Targets\n")
     w("Measured = the ratio of the peers' medians. Each round runs the peers back to back, so the ratio "
       "within each round (last column) shows how much drift between rounds moves the verdict.\n")
     w("| target | required | measured | result | each round |")
