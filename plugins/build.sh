@@ -86,7 +86,7 @@ for name in "${plugins[@]}"; do target_for[$name]=$(target_of "$name"); done
 for target in $(printf '%s\n' "${target_for[@]}" | sort -u); do
     packages=()
     for name in "${plugins[@]}"; do
-        [[ "${target_for[$name]}" == "$target" ]] && packages+=(-p "$name")
+        if [[ "${target_for[$name]}" == "$target" ]]; then packages+=(-p "$name"); fi
     done
     (cd "$here" && cargo build --release --target "$target" \
         --target-dir "$target_dir" -j "$jobs" "${packages[@]}")
