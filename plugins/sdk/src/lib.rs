@@ -47,16 +47,15 @@
 //!   that the helper methods share.
 //! - [`log`] and the [`trace!`], [`debug!`], [`info!`], [`warn!`],
 //!   [`error!`] macros: the only thing a plugin may ask of the host.
-//! - `time`: the wall clock, for plugins that check timestamps (WASI's, so
-//!   absent from builds without WASI, see below).
+//! - [`time`]: the wall clock, for plugins that check timestamps.
 //!
 //! A plugin is built for `wasm32-wasip2`, or, when it needs nothing of
-//! WASI (no clock), for `wasm32-unknown-unknown` linked by
+//! WASI beyond this crate's clock, for `wasm32-unknown-unknown` linked by
 //! `wasm-component-ld`, as `plugins/build.sh` does for the plugins that
-//! say so in their manifest. Such a component imports nothing but the log,
-//! and each call costs less (no WASI imports to wire up per instance); the
-//! SDK then brings an allocator that serves a call from the initial memory
-//! before it grows it.
+//! say so in their manifest. Such a component imports the contract and, if
+//! it reads [`time`], WASI's wall clock alone, and each call costs less (no
+//! other WASI imports to wire up per instance); the SDK then brings an
+//! allocator that serves a call from the initial memory before it grows it.
 //!
 //! The bindings compile on native targets too (imports become stubs), so a
 //! plugin keeps its logic in plain functions and tests them with
@@ -76,9 +75,6 @@ mod messages;
 )]
 mod heap;
 
-// The clock is WASI's: a plugin built without WASI has none, and one that
-// asks for it fails to build instead of failing at run time.
-#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
 pub mod time;
 
 pub use config::parse_config;
