@@ -1,6 +1,7 @@
 //! Per-call cost of plugins on the real host: a fresh instance per call,
 //! as in production. `cargo bench -p execd --bench plugins` prints µs per
-//! call for one plugin and for a chain of three.
+//! call for one plugin and for a chain of three, and for the two plugins
+//! that read the clock.
 //!
 //! Needs the plugins built (`make plugins`).
 
@@ -72,6 +73,21 @@ fn main() {
     .unwrap();
     let hostile_ok =
         Plugin::load(&spec("noop", "hostile", serde_json::json!({"mode": "ok"}))).unwrap();
+    // The two plugins that read the clock, with credentials they accept.
+    let jwt_secret = "bench-secret-of-at-least-32-bytes!";
+    let jwt = Plugin::load(&spec(
+        "jwt",
+        "jwt",
+        serde_json::json!({"secret": jwt_secret}),
+    ))
+    .unwrap();
+    let hook_secret = "bench-webhook-secret";
+    let hmac_signature = Plugin::load(&spec(
+        "sig",
+        "hmac-signature",
+        serde_json::json!({"secret": hook_secret}),
+    ))
+    .unwrap();
 
     let route: Arc<str> = "POST /bench".into();
     let rid: Arc<str> = "0123456789abcdef0123456789abcdef".into();
@@ -96,6 +112,32 @@ fn main() {
         vars: vec![],
         body: br#"{"user":"ada"}"#.to_vec(),
     };
+    let hs256 = |key: &str, data: &[u8]| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+        ring::hmac::sign(&key, data).as_ref().to_vec()
+    };
+    let claims = format!(r#"{{"sub":"u-1","exp":{}}}"#, u32::MAX);
+    let signed = format!(
+        "{}.{}",
+        base64url(br#"{"alg":"HS256","typ":"JWT"}"#),
+        base64url(claims.as_bytes())
+    );
+    let token = format!(
+        "{signed}.{}",
+        base64url(&hs256(jwt_secret, signed.as_bytes()))
+    );
+    let signature: String = hs256(hook_secret, &inv.body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut inv_jwt = inv.clone();
+    inv_jwt
+        .headers
+        .push(("authorization".into(), format!("Bearer {token}")));
+    let mut inv_sig = inv.clone();
+    inv_sig
+        .headers
+        .push(("x-hub-signature-256".into(), format!("sha256={signature}")));
     async fn call(p: &Plugin, info: &CallInfo<'_>, inv: &wit::Invocation) -> wit::Invocation {
         match p.call_pre(info, inv).await.unwrap() {
             wit::Decision::Continue(next) => next,
@@ -108,7 +150,8 @@ fn main() {
         .unwrap();
     let (info, inv) = (&info, &inv);
     let (api_key, json_map, hostile_ok) = (&api_key, &json_map, &hostile_ok);
-    let (noop, one, chain) = rt.block_on(async {
+    let (jwt, hmac_signature, inv_jwt, inv_sig) = (&jwt, &hmac_signature, &inv_jwt, &inv_sig);
+    let (noop, one, chain, jwt, sig) = rt.block_on(async {
         let noop = measure(rounds, per_round, || async move {
             call(hostile_ok, info, inv).await;
         })
@@ -123,7 +166,15 @@ fn main() {
             call(hostile_ok, info, &b).await;
         })
         .await;
-        (noop, one, chain)
+        let jwt = measure(rounds, per_round, || async move {
+            call(jwt, info, inv_jwt).await;
+        })
+        .await;
+        let sig = measure(rounds, per_round, || async move {
+            call(hmac_signature, info, inv_sig).await;
+        })
+        .await;
+        (noop, one, chain, jwt, sig)
     });
     println!("plugin call, fresh instance per call (median of {rounds} x {per_round}):");
     println!("  no-op plugin (hostile mode ok)   {noop:8.2} µs/call");
@@ -132,4 +183,22 @@ fn main() {
         "  chain api-key -> json-map -> ok  {chain:8.2} µs/chain ({:.2} µs/plugin)",
         chain / 3.0
     );
+    println!("  jwt (HS256)                      {jwt:8.2} µs/call");
+    println!("  hmac-signature                   {sig:8.2} µs/call");
+}
+
+/// Base64url without padding, as JWTs use it.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
 }
