@@ -54,6 +54,28 @@ where
     samples[samples.len() / 2]
 }
 
+/// Runs a plugin's pre phase and returns the invocation it goes on with.
+async fn call(p: &Plugin, info: &CallInfo<'_>, inv: &wit::Invocation) -> wit::Invocation {
+    match p.call_pre(info, inv).await.unwrap() {
+        wit::Decision::Continue(next) => next,
+        wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
+    }
+}
+
+/// [`measure`] of one plugin's pre phase on `inv`, in µs per call.
+async fn per_call(
+    rounds: usize,
+    per_round: usize,
+    p: &Plugin,
+    info: &CallInfo<'_>,
+    inv: &wit::Invocation,
+) -> f64 {
+    measure(rounds, per_round, || async move {
+        call(p, info, inv).await;
+    })
+    .await
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this
     // too, without it, and then one short pass shows it still works.
@@ -138,12 +160,6 @@ fn main() {
     inv_sig
         .headers
         .push(("x-hub-signature-256".into(), format!("sha256={signature}")));
-    async fn call(p: &Plugin, info: &CallInfo<'_>, inv: &wit::Invocation) -> wit::Invocation {
-        match p.call_pre(info, inv).await.unwrap() {
-            wit::Decision::Continue(next) => next,
-            wit::Decision::Reply(r) => panic!("plugin {} answered {}", p.spec.name, r.status),
-        }
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -152,28 +168,16 @@ fn main() {
     let (api_key, json_map, hostile_ok) = (&api_key, &json_map, &hostile_ok);
     let (jwt, hmac_signature, inv_jwt, inv_sig) = (&jwt, &hmac_signature, &inv_jwt, &inv_sig);
     let (noop, one, chain, jwt, sig) = rt.block_on(async {
-        let noop = measure(rounds, per_round, || async move {
-            call(hostile_ok, info, inv).await;
-        })
-        .await;
-        let one = measure(rounds, per_round, || async move {
-            call(api_key, info, inv).await;
-        })
-        .await;
+        let noop = per_call(rounds, per_round, hostile_ok, info, inv).await;
+        let one = per_call(rounds, per_round, api_key, info, inv).await;
         let chain = measure(rounds, per_round, || async move {
             let a = call(api_key, info, inv).await;
             let b = call(json_map, info, &a).await;
             call(hostile_ok, info, &b).await;
         })
         .await;
-        let jwt = measure(rounds, per_round, || async move {
-            call(jwt, info, inv_jwt).await;
-        })
-        .await;
-        let sig = measure(rounds, per_round, || async move {
-            call(hmac_signature, info, inv_sig).await;
-        })
-        .await;
+        let jwt = per_call(rounds, per_round, jwt, info, inv_jwt).await;
+        let sig = per_call(rounds, per_round, hmac_signature, info, inv_sig).await;
         (noop, one, chain, jwt, sig)
     });
     println!("plugin call, fresh instance per call (median of {rounds} x {per_round}):");
