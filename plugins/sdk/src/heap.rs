@@ -4,8 +4,9 @@
 //! Rust's allocator on that target asks for its first block with
 //! `memory.grow`, and growing a memory makes the host change the protection
 //! of the pages on every call (and change it back when the slot is reused):
-//! about a fifth of a small plugin's call. wasi-libc's allocator, on
-//! `wasm32-wasip2`, avoids that by using the rest of the initial memory first.
+//! api-key measured 15.7 µs a call that way, 10.2 without. wasi-libc's
+//! allocator, on `wasm32-wasip2`, avoids that by using the rest of the
+//! initial memory first.
 //! This does the same: allocations are carved, in order, from the initial
 //! memory above the module's data (`__heap_base` up to the memory's size at
 //! the first allocation; `plugins/.cargo/config.toml` sizes it), and only
