@@ -173,13 +173,14 @@ impl Gate {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Ok(p);
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        // Counted out on drop: a request whose client goes away while it
+        // waits has its future dropped here, and must leave the queue too.
+        let _in_queue = Waiting::join(&self.waiting);
+        if self.waiting.load(Ordering::Acquire) > self.queue {
             return Err(Busy::QueueFull);
         }
         let waited =
             tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(p)) => Ok(p),
             _ => Err(Busy::Timeout),
@@ -189,5 +190,56 @@ impl Gate {
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// One place in a [`Gate`]'s queue, given back when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn join(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_whose_request_is_dropped_leaves_the_queue() {
+        let gate = Arc::new(Gate::new(1, 1, Duration::from_secs(30)));
+        let held = gate.enter().await.unwrap();
+        // One waiter fills the queue of one; a second is turned away.
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter().await.map(drop) }
+        });
+        while gate.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gate.enter().await.unwrap_err(), Busy::QueueFull);
+        // The client goes away: its request's future is dropped mid-wait.
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(gate.queued(), 0);
+        // Its place is free again: the next request waits for the slot
+        // instead of being refused, and gets it when the slot comes free.
+        let next = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter().await.map(drop) }
+        });
+        while gate.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(next.await.unwrap(), Ok(()));
     }
 }
