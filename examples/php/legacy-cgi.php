@@ -11,5 +11,7 @@ if ($id === '') {
 echo "Status: 201 Created\r\n";
 echo "Content-Type: application/json\r\n";
 echo "X-Legacy: yes\r\n";
-echo "Location: /legacy/$id\r\n\r\n";
+// The id comes from the client: encoded, so a CR or LF in it cannot start
+// a header of its own.
+echo "Location: /legacy/" . rawurlencode($id) . "\r\n\r\n";
 echo json_encode(['id' => $id]), "\n";

@@ -667,6 +667,12 @@ fn environment(
     for (k, v) in &inv.vars {
         set(&format!("EXECD_VAR_{}", env_suffix(k)), v);
     }
+    // Everything so far comes from the request (or a plugin): a value the
+    // kernel cannot pass would fail the spawn, so it is the request's 400
+    // or 413, naming the variable, rather than a failure of the daemon.
+    for (name, value) in &env {
+        check_env(name, value)?;
+    }
     if let Some(p) = body_file {
         env.push(("EXECD_BODY_FILE".into(), p.as_os_str().to_owned()));
     }
@@ -677,10 +683,13 @@ fn environment(
                     .into(),
             ));
         }
-        if inv.body.len() > MAX_ARG {
+        // The limit holds for the whole `NAME=value` string.
+        let room = MAX_ARG.saturating_sub(command.payload_env.len() + 1);
+        if inv.body.len() > room {
             return Err(Failure::TooLarge(format!(
-                "the body is {} bytes; one environment variable holds at most {MAX_ARG} bytes (use payload-to: stdin or file)",
-                inv.body.len()
+                "the body is {} bytes; the environment variable {} holds at most {room} bytes (use payload-to: stdin or file)",
+                inv.body.len(),
+                command.payload_env
             )));
         }
         env.push((
@@ -692,6 +701,26 @@ fn environment(
         env.push((k.into(), v.into()));
     }
     Ok(env)
+}
+
+/// Refuses what `execve` cannot pass as `name=value`: a NUL byte, or more
+/// than the system's limit for one string.
+fn check_env(name: &OsString, value: &OsString) -> Result<(), Failure> {
+    use std::os::unix::ffi::OsStrExt;
+    let (name, value) = (name.as_bytes(), value.as_bytes());
+    let shown = String::from_utf8_lossy(name);
+    if value.contains(&0) {
+        return Err(Failure::BadRequest(format!(
+            "the environment variable {shown} would hold a NUL byte, which no environment variable can"
+        )));
+    }
+    let len = name.len() + 1 + value.len();
+    if len > MAX_ARG {
+        return Err(Failure::TooLarge(format!(
+            "the environment variable {shown} would be {len} bytes; the system limit for one is {MAX_ARG} bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// `x-forwarded-for` -> `HTTP_X_FORWARDED_FOR`; repeated headers joined

@@ -427,3 +427,114 @@ async fn large_bodies_stream_into_stdin_intact_and_the_cap_still_holds() {
         "the command ran to the end on a partial body"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_mid_body_still_gets_the_timeout_and_frees_the_slot() {
+    let server = start(
+        r#"
+listen: 127.0.0.1:0
+limits:
+  max-concurrency: 1
+routes:
+  - url: /cat
+    method: POST
+    timeout: 500ms
+    kill-grace: 0s
+    cmd: /bin/cat
+"#,
+    )
+    .await;
+    // A streamed body (chunked) that stops after its first chunk, on a
+    // connection the client keeps open.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(
+        b"POST /cat HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    assert!(read.is_ok(), "no answer 10 s after a 500 ms timeout");
+    let p = parse_response(&raw).problem(504);
+    assert_eq!(p["type"], "urn:execd:problem:command-timeout");
+    // The only command slot is free again while that client still hangs on.
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        server.req("POST", "/cat", &[], b"next"),
+    )
+    .await
+    .expect("the next request gets the slot");
+    assert_eq!((r.status, r.text().as_str()), (200, "next"));
+    drop(s);
+}
+
+#[tokio::test]
+async fn a_script_cannot_frame_the_response_itself() {
+    let server = start(
+        r#"
+  - url: /framed
+    output: cgi
+    shell: true
+    cmd: "printf 'Content-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: upgrade\r\nX-Kept: yes\r\n\r\nhello world'"
+"#,
+    )
+    .await;
+    // Two requests on one keep-alive connection: the first must end where
+    // its body ends, or the second reads the first's leftovers.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(b"GET /framed HTTP/1.1\r\nHost: t\r\n\r\nGET /framed HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("both answers within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let answers: Vec<&str> = text.split("HTTP/1.1 ").filter(|a| !a.is_empty()).collect();
+    assert_eq!(answers.len(), 2, "two answers in {text:?}");
+    for answer in answers {
+        let r = parse_response(format!("HTTP/1.1 {answer}").as_bytes());
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some("11"), "{answer:?}");
+        assert_eq!(r.header("transfer-encoding"), None);
+        assert_eq!(r.header("x-kept"), Some("yes"));
+        assert_eq!(r.text(), "hello world");
+    }
+}
+
+#[tokio::test]
+async fn values_no_environment_can_hold_are_the_clients_error() {
+    let server = start(
+        r#"
+  - url: /p/{id}
+    cmd: /usr/bin/env
+  - url: /h
+    cmd: /usr/bin/env
+  - url: /e
+    method: POST
+    payload-to: env
+    cmd: /bin/true
+"#,
+    )
+    .await;
+    // A NUL byte in a path parameter, which reaches the command only as
+    // EXECD_PARAM_ID.
+    let p = server.get("/p/a%00b").await.problem(400);
+    assert!(
+        p["detail"].as_str().unwrap().contains("EXECD_PARAM_ID"),
+        "{p}"
+    );
+    // A header value over the kernel's limit for one variable.
+    let big = "x".repeat(140 * 1024);
+    let p = server
+        .req("GET", "/h", &[("X-Big", &big)], b"")
+        .await
+        .problem(413);
+    assert!(p["detail"].as_str().unwrap().contains("HTTP_X_BIG"), "{p}");
+    // The body as EXECD_BODY: the limit is for `EXECD_BODY=<body>` whole.
+    let room = 128 * 1024 - 1 - "EXECD_BODY=".len();
+    assert_eq!(server.post("/e", &vec![b'a'; room]).await.status, 200);
+    let p = server.post("/e", &vec![b'a'; room + 1]).await.problem(413);
+    assert!(p["detail"].as_str().unwrap().contains("EXECD_BODY"), "{p}");
+}

@@ -281,3 +281,41 @@ async fn https_listener_answers_with_the_configured_certificate() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&again.stdout), "secure\n");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_early_is_counted_and_leaves_no_trace_in_flight() {
+    let server = start(
+        r#"
+  - url: /m-leave
+    cmd: /bin/sleep 30
+"#,
+    )
+    .await;
+    let admin = server.admin.clone().expect("admin listener");
+    let series = r#"execd_http_requests_total{route="GET /m-leave",method="GET",status="499"}"#;
+    let before = get(&scrape(&admin).await, series);
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /m-leave HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut in_flight = 0.0;
+    for _ in 0..100 {
+        in_flight = get(&scrape(&admin).await, "execd_http_in_flight");
+        if in_flight == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_flight, 1.0, "the request is in flight");
+    drop(s);
+    let mut m = scrape(&admin).await;
+    for _ in 0..100 {
+        if get(&m, "execd_http_in_flight") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = scrape(&admin).await;
+    }
+    assert_eq!(get(&m, "execd_http_in_flight"), 0.0);
+    assert_eq!(get(&m, series) - before, 1.0, "counted with status 499");
+}

@@ -155,7 +155,6 @@ pub async fn handle(
     req: Request<Incoming>,
     remote: &str,
 ) -> Response<Full<Bytes>> {
-    let started = Instant::now();
     let request_id: Arc<str> = req
         .headers()
         .get("x-request-id")
@@ -163,44 +162,98 @@ pub async fn handle(
         .filter(|s| ids::is_sane_request_id(s))
         .map(Into::into)
         .unwrap_or_else(|| ids::request_id().into());
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
     let app = shared.app.load_full();
-    shared
-        .in_flight
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (route_name, reply) = match route_request(&app, shared, req, remote, &request_id).await {
-        Ok((name, reply)) => (name, reply),
-        Err(reply) => (None, reply),
+    let mut record = Record::open(shared, &req, request_id.clone());
+    let reply = match route_request(&app, shared, req, remote, &request_id, &record.route).await {
+        Ok(reply) => reply,
+        Err(reply) => reply,
     };
-    shared
-        .in_flight
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    let route_label = route_name.as_deref().unwrap_or("(none)");
-    crate::metrics::inc(
-        "execd_http_requests_total",
-        &[
-            ("route", route_label),
-            ("method", &method),
-            ("status", &reply.status.to_string()),
-        ],
-    );
-    crate::metrics::observe(
-        "execd_http_request_duration_seconds",
-        &[("route", route_label)],
-        elapsed,
-    );
-    tracing::info!(
-        route = route_name.as_deref().unwrap_or("-"),
-        request_id = %request_id,
-        method = %method,
-        path = %path,
-        status = reply.status,
-        ms = elapsed * 1000.0,
-        "request"
-    );
+    record.status = Some(reply.status);
+    drop(record);
     to_response(reply, &request_id)
+}
+
+/// A request's access-log line, metrics and place in the in-flight gauge,
+/// written when it is dropped: when the answer is ready, or when hyper
+/// drops the request because its client went away first. The latter is
+/// logged and counted with status 499 (the convention nginx set), and the
+/// command, if one runs, is stopped with it.
+struct Record<'a> {
+    shared: &'a Shared,
+    started: Instant,
+    method: String,
+    path: String,
+    request_id: Arc<str>,
+    /// The route's name, once the path has matched one.
+    route: std::sync::OnceLock<Arc<str>>,
+    /// The answer's status; `None` while there is none.
+    status: Option<u16>,
+}
+
+/// The status logged for a request whose client left before its answer.
+const CLIENT_CLOSED: u16 = 499;
+
+impl<'a> Record<'a> {
+    fn open(shared: &'a Shared, req: &Request<Incoming>, request_id: Arc<str>) -> Self {
+        shared
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Record {
+            shared,
+            started: Instant::now(),
+            method: req.method().as_str().to_string(),
+            path: req.uri().path().to_string(),
+            request_id,
+            route: std::sync::OnceLock::new(),
+            status: None,
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let status = self.status.unwrap_or(CLIENT_CLOSED);
+        let route = self.route.get().map(|r| &**r);
+        let route_label = route.unwrap_or("(none)");
+        crate::metrics::inc(
+            "execd_http_requests_total",
+            &[
+                ("route", route_label),
+                ("method", &self.method),
+                ("status", &status.to_string()),
+            ],
+        );
+        crate::metrics::observe(
+            "execd_http_request_duration_seconds",
+            &[("route", route_label)],
+            elapsed,
+        );
+        if self.status.is_some() {
+            tracing::info!(
+                route = route.unwrap_or("-"),
+                request_id = %self.request_id,
+                method = %self.method,
+                path = %self.path,
+                status,
+                ms = elapsed * 1000.0,
+                "request"
+            );
+        } else {
+            tracing::info!(
+                route = route.unwrap_or("-"),
+                request_id = %self.request_id,
+                method = %self.method,
+                path = %self.path,
+                status,
+                ms = elapsed * 1000.0,
+                "request: the client closed the connection before the answer"
+            );
+        }
+    }
 }
 
 async fn route_request(
@@ -209,7 +262,8 @@ async fn route_request(
     req: Request<Incoming>,
     remote: &str,
     request_id: &Arc<str>,
-) -> Result<(Option<Arc<str>>, Reply), Reply> {
+    matched: &std::sync::OnceLock<Arc<str>>,
+) -> Result<Reply, Reply> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let (slot, params) = match app.lookup(&method, &path) {
@@ -240,6 +294,7 @@ async fn route_request(
     };
     let route = &slot.route;
     let route_name: Arc<str> = route.name.as_str().into();
+    let _ = matched.set(route_name.clone());
     let raw_query = req.uri().query().unwrap_or("").to_string();
     let query = parse_query(&raw_query).ok_or_else(|| {
         problem::reply(
@@ -343,7 +398,7 @@ async fn route_request(
             }
         }
     };
-    Ok((Some(route_name), reply))
+    Ok(reply)
 }
 
 /// Bodies up to this size are read whole (plugins and logs can see them);
@@ -391,7 +446,15 @@ async fn feed_body(
 ) -> (BodyEnd, Option<tokio::sync::mpsc::Sender<Bytes>>) {
     use http_body_util::BodyExt as _;
     let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            // The command is done with its input: it ended, or was stopped
+            // at its timeout. A client that stalls mid-body must not hold
+            // the request, and its slots, open past that.
+            () = tx.closed() => return (BodyEnd::Complete, None),
+        };
+        let Some(frame) = frame else { break };
         match frame {
             Ok(frame) => {
                 let Ok(data) = frame.into_data() else {
@@ -456,6 +519,13 @@ fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
     for (k, v) in reply.headers {
+        // Framing is the server's: a script's or a plugin's own length or
+        // encoding would contradict the body sent, and a client (or a
+        // proxy's pooled connection) would read the next response's bytes
+        // as this one's, or wait for bytes that never come.
+        if is_framing(&k) {
+            continue;
+        }
         match (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
@@ -470,4 +540,21 @@ fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
         headers.insert("x-request-id", v);
     }
     resp
+}
+
+/// Headers that frame the message or manage the connection (RFC 9110
+/// 7.6.1, RFC 9112 6); hyper sets what the response needs.
+fn is_framing(name: &str) -> bool {
+    [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|f| name.eq_ignore_ascii_case(f))
 }
