@@ -24,7 +24,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -49,12 +48,6 @@ const MAX_HEAD: u64 = 64 * 1024;
 
 /// Most header lines accepted in one reply.
 const MAX_HEADERS: usize = 100;
-
-/// How long execd keeps reading a reply after the command has ended. The
-/// command's process group is gone by then, so the writer's end is closed
-/// and the rest is already buffered; this only bounds a descriptor that
-/// escaped the group.
-const AFTER_EXIT: Duration = Duration::from_secs(2);
 
 /// Why a reply frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,7 +154,7 @@ async fn serve(
     let mut stream = stream?;
     let result = tokio::select! {
         r = read_frame(&mut stream, limit) => r,
-        _ = async { ended.cancelled().await; tokio::time::sleep(AFTER_EXIT).await } => Err(ReplyError::Unfinished),
+        _ = async { ended.cancelled().await; tokio::time::sleep(crate::runner::AFTER_EXIT).await } => Err(ReplyError::Unfinished),
     };
     let answer = match &result {
         Ok(_) => "OK\n".to_string(),

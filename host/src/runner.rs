@@ -246,10 +246,12 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
         _ => None,
     };
     let stderr = child.stderr.take().expect("stderr is piped");
-    let stderr_task = tokio::spawn(log_stderr(
+    let stop_stderr = CancellationToken::new();
+    let mut stderr_task = tokio::spawn(log_stderr(
         stderr,
         spec.route.clone(),
         spec.request_id.clone(),
+        stop_stderr.clone(),
     ));
     let mut stdout = child.stdout.take().expect("stdout is piped");
 
@@ -261,6 +263,8 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
     let mut output_overflow = false;
     let deadline = tokio::time::Instant::now() + spec.timeout;
     let mut kill_at: Option<tokio::time::Instant> = None;
+    // Set when the command has ended: how long its output is still read.
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let limit = spec.max_output;
 
     while stdout_open || status.is_none() {
@@ -281,6 +285,7 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
                 // The command is gone; anything it left running in its group
                 // goes too, which also closes pipes those processes held.
                 signal_group(pid, libc::SIGKILL);
+                drain_until = Some(tokio::time::Instant::now() + AFTER_EXIT);
             }
             _ = tokio::time::sleep_until(deadline), if !timed_out && !aborted => {
                 timed_out = true;
@@ -294,6 +299,10 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
                 kill_at = None;
                 signal_group(pid, libc::SIGKILL);
             }
+            _ = sleep_until_opt(drain_until), if stdout_open => {
+                stdout_open = false;
+                escaped_output(&spec.route, &spec.request_id, "stdout");
+            }
         }
     }
     let status = status.expect("loop ends with a status");
@@ -304,7 +313,17 @@ pub async fn run(spec: RunSpec) -> Result<RunResult, SpawnError> {
     if let Some(t) = stdin_task {
         t.abort();
     }
-    let stderr_tail = stderr_task.await.unwrap_or_default();
+    let stderr_tail = match drain_until {
+        Some(at) => match tokio::time::timeout_at(at, &mut stderr_task).await {
+            Ok(tail) => tail.unwrap_or_default(),
+            Err(_) => {
+                escaped_output(&spec.route, &spec.request_id, "stderr");
+                stop_stderr.cancel();
+                stderr_task.await.unwrap_or_default()
+            }
+        },
+        None => stderr_task.await.unwrap_or_default(),
+    };
     let (exit_code, signal) = match &status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
@@ -374,6 +393,21 @@ fn apply_lockdown(cmd: &mut tokio::process::Command, l: &crate::config::Lockdown
     }
 }
 
+/// How long a command's stdout, stderr and reply socket are still read
+/// after it ended. Its process group is gone by then, so their writers are
+/// closed and what is left is already buffered; this only bounds a process
+/// that left the group (`setsid`) holding a copy of one.
+pub(crate) const AFTER_EXIT: Duration = Duration::from_secs(2);
+
+fn escaped_output(route: &str, request_id: &str, stream: &str) {
+    tracing::warn!(
+        route,
+        request_id,
+        "the command ended but a process outside its group still holds its {stream}; stopped reading it {}s after the end",
+        AFTER_EXIT.as_secs()
+    );
+}
+
 /// SIGTERM now, SIGKILL after the grace period.
 fn stop_group(pgid: i32, grace: Duration, kill_at: &mut Option<tokio::time::Instant>) {
     if grace.is_zero() {
@@ -428,6 +462,7 @@ async fn log_stderr<R: AsyncRead + Unpin>(
     mut r: R,
     route: Arc<str>,
     request_id: Arc<str>,
+    stop: CancellationToken,
 ) -> Vec<u8> {
     let mut tail: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
@@ -436,9 +471,12 @@ async fn log_stderr<R: AsyncRead + Unpin>(
     // A script that floods stderr must not flood the log.
     const LOG_BUDGET: usize = 64 * 1024;
     loop {
-        let n = match r.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = r.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            () = stop.cancelled() => break,
         };
         tail.extend_from_slice(&chunk[..n]);
         if tail.len() > STDERR_TAIL * 2 {

@@ -174,3 +174,38 @@ async fn user_and_rlimits_apply_in_the_child() {
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(server.get("/plain").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_process_that_leaves_the_group_cannot_hold_the_answer() {
+    let server = start(
+        r#"
+  - url: /escape
+    shell: true
+    cmd: "setsid sh -c 'echo $$$$ > {dir}/escaped.pid; exec sleep 30' & while [ ! -s {dir}/escaped.pid ]; do sleep 0.05; done; echo started"
+"#,
+    )
+    .await;
+    // The background process left the command's process group, so the
+    // group kill at the end does not reach it, and it holds a copy of
+    // stdout and stderr for 30 s.
+    let t = Instant::now();
+    let r = server.get("/escape").await;
+    let took = t.elapsed();
+    assert_eq!((r.status, r.text().as_str()), (200, "started\n"));
+    let pidfile = server.dir.path().join("escaped.pid");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = process_exists(pid);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        alive,
+        "the escaped process was running while execd answered"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "answered after {took:?}: execd waited on the escaped process"
+    );
+}
