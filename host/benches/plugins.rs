@@ -1,7 +1,9 @@
 //! Per-call cost of plugins on the real host: a fresh instance per call,
 //! as in production. `cargo bench -p execd --bench plugins` prints µs per
-//! call for one plugin and for a chain of three, and for the two plugins
-//! that read the clock.
+//! call for one plugin, for the chain of three a typical route runs (auth
+//! and payload mapping before the command, the reply's shape after it),
+//! for the two plugins that read the clock, and for a plugin that imports
+//! all of WASI.
 //!
 //! Needs the plugins built (`make plugins`).
 
@@ -93,6 +95,12 @@ fn main() {
         serde_json::json!({"fields": {"user": {"pointer": "/user", "required": true}}}),
     ))
     .unwrap();
+    let shape = Plugin::load(&spec(
+        "shape",
+        "response-shape",
+        serde_json::json!({"status-map": {"0": 200, "*": 502}}),
+    ))
+    .unwrap();
     let hostile_ok =
         Plugin::load(&spec("noop", "hostile", serde_json::json!({"mode": "ok"}))).unwrap();
     // The two plugins that read the clock, with credentials they accept.
@@ -165,7 +173,22 @@ fn main() {
         .build()
         .unwrap();
     let (info, inv) = (&info, &inv);
-    let (api_key, json_map, hostile_ok) = (&api_key, &json_map, &hostile_ok);
+    // What the command answered, for the post phase: a JSON body on stdout.
+    let outcome = wit::Outcome {
+        exit_code: Some(0),
+        signal: None,
+        timed_out: false,
+        duration_us: 11_000,
+        via_reply_socket: false,
+        stderr_tail: String::new(),
+    };
+    let reply = wit::Reply {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: br#"{"quote":42}"#.to_vec(),
+    };
+    let (outcome, reply) = (&outcome, &reply);
+    let (api_key, json_map, shape, hostile_ok) = (&api_key, &json_map, &shape, &hostile_ok);
     let (jwt, hmac_signature, inv_jwt, inv_sig) = (&jwt, &hmac_signature, &inv_jwt, &inv_sig);
     let (noop, one, chain, jwt, sig) = rt.block_on(async {
         let noop = per_call(rounds, per_round, hostile_ok, info, inv).await;
@@ -173,7 +196,8 @@ fn main() {
         let chain = measure(rounds, per_round, || async move {
             let a = call(api_key, info, inv).await;
             let b = call(json_map, info, &a).await;
-            call(hostile_ok, info, &b).await;
+            let shaped = shape.call_post(info, &b, outcome, reply).await.unwrap();
+            assert_eq!(shaped.status, 200, "response-shape kept the status");
         })
         .await;
         let jwt = per_call(rounds, per_round, jwt, info, inv_jwt).await;
@@ -181,14 +205,14 @@ fn main() {
         (noop, one, chain, jwt, sig)
     });
     println!("plugin call, fresh instance per call (median of {rounds} x {per_round}):");
-    println!("  no-op plugin (hostile mode ok)   {noop:8.2} µs/call");
     println!("  api-key                          {one:8.2} µs/call");
     println!(
-        "  chain api-key -> json-map -> ok  {chain:8.2} µs/chain ({:.2} µs/plugin)",
+        "  chain api-key -> json-map -> response-shape {chain:8.2} µs/chain ({:.2} µs/plugin)",
         chain / 3.0
     );
     println!("  jwt (HS256)                      {jwt:8.2} µs/call");
     println!("  hmac-signature                   {sig:8.2} µs/call");
+    println!("  no-op importing all of WASI (hostile mode ok) {noop:8.2} µs/call");
 }
 
 /// Base64url without padding, as JWTs use it.
