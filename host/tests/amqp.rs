@@ -496,6 +496,8 @@ async fn a_failing_script_is_retried_with_delays_then_dead_lettered_with_reasons
         let i: i64 = body.strip_prefix("fail-").unwrap().parse().unwrap();
         seen.push(i);
         assert_eq!(header_text(d, "x-execd-attempts"), "3", "{body}");
+        // Sent back to the work queue after a fix, it starts at attempt 1.
+        assert_eq!(header(d, "x-execd-attempt"), None, "{body}");
         assert_eq!(header_text(d, "x-execd-exit-code"), "3", "{body}");
         assert_eq!(header_text(d, "x-execd-reason"), "exit code 3");
         assert_eq!(header_text(d, "x-execd-timed-out"), "false");
@@ -1380,4 +1382,112 @@ async fn metrics_count_what_happens_to_messages() {
     let ready = request(&admin, "GET", "/readyz", &[], b"").await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_plugin_refuses_is_dead_lettered_not_acked_away() {
+    let broker = Broker::connect().await;
+    let queue = broker.name("refused");
+    let dead = format!("{queue}.dead");
+    let worker = Worker::start(&format!(
+        "listen: 127.0.0.1:0
+admin: off
+limits: {{drain-timeout: 10s}}
+plugins:
+  auth:
+    path: {{repo}}/plugins/dist/api-key.wasm
+    config: {{keys: [k-good]}}
+amqp:
+  url: {BROKER}
+  consumers:
+    - queue: {queue}
+      declare: {{durable: false, arguments: {{x-expires: 600000}}}}
+      pre: [auth]
+      cmd: php {{fixtures}}/amqp-worker.php
+      env: {{RECORD: \"{{dir}}/record.jsonl\", HOLD: \"{{dir}}/hold\"}}
+      dead-letter: {dead}
+"
+    ))
+    .await;
+    let with_key = |key: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert("x-api-key".into(), AMQPValue::LongString(key.into()));
+        BasicProperties::default().with_headers(headers)
+    };
+    broker
+        .publish(&queue, b"no-key", BasicProperties::default())
+        .await;
+    broker.publish(&queue, b"bad-key", with_key("k-bad")).await;
+    broker
+        .publish(&queue, b"good-key", with_key("k-good"))
+        .await;
+
+    let mut dead_letters = broker.take(&dead, 2, Duration::from_secs(20)).await;
+    dead_letters.sort_by(|a, b| a.data.cmp(&b.data));
+    let bodies: Vec<&[u8]> = dead_letters.iter().map(|d| &d.data[..]).collect();
+    assert_eq!(bodies, [&b"bad-key"[..], &b"no-key"[..]]);
+    for d in &dead_letters {
+        let reason = header_text(d, "x-execd-reason");
+        assert!(
+            reason.starts_with("refused by a plugin with status 401"),
+            "{reason}"
+        );
+    }
+    let health = worker.health();
+    eventually(Duration::from_secs(5), || {
+        let h = health.consumers()[0].snapshot();
+        h.acked == 1 && h.dead_lettered == 2
+    })
+    .await;
+    let h = health.consumers()[0].snapshot();
+    assert_eq!((h.acked, h.dead_lettered, h.unsettled), (1, 2, 0));
+    // Only the message with a good key reached the command.
+    let runs = worker.record();
+    let ran: Vec<&[u8]> = runs.iter().map(|r| &r.body[..]).collect();
+    assert_eq!(ran, [&b"good-key"[..]]);
+    worker.stop().await;
+    assert_eq!(broker.count(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_be_dead_lettered_is_kept_without_spinning() {
+    let broker = Broker::connect().await;
+    let queue = broker.name("unroutable");
+    // An exchange nothing is bound to: the dead-letter copy is returned
+    // unroutable, so the message cannot be settled.
+    let exchange = format!("{queue}.dlx");
+    broker
+        .ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let worker = Worker::start(&consumer_config(
+        &queue,
+        &format!("      dead-letter: {{exchange: {exchange}, routing-key: nowhere}}\n"),
+    ))
+    .await;
+    broker
+        .publish(&queue, b"fail-unroutable", BasicProperties::default())
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // It ran once and waits to go back to its queue; it is not run again
+    // and again as fast as the command fails.
+    assert_eq!(worker.record().len(), 1, "runs: {:?}", worker.record());
+    let h = worker.health().consumers()[0].snapshot();
+    assert_eq!((h.dead_lettered, h.acked, h.in_flight), (0, 0, 1));
+    // Stopping ends the wait: the message goes back to its queue, kept.
+    worker.stop().await;
+    assert_eq!(broker.count(&queue).await, 1);
+    let _ = broker
+        .ch
+        .exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
 }

@@ -526,9 +526,16 @@ async fn session(ctx: &Arc<Ctx>, backoff: &mut Backoff) -> Result<(), String> {
         .await;
     ctx.in_flight.close();
     ctx.in_flight.wait().await;
-    let _ = consume.close(200, "execd shutting down".into()).await;
-    let _ = publish.close(200, "execd shutting down".into()).await;
-    let _ = conn.close(200, "execd shutting down".into()).await;
+    let closing = async {
+        let _ = consume.close(200, "execd shutting down".into()).await;
+        let _ = publish.close(200, "execd shutting down".into()).await;
+        let _ = conn.close(200, "execd shutting down".into()).await;
+    };
+    // A broker that blocked the connection may never answer a close; what
+    // is unacked goes back to its queue when the socket closes anyway.
+    if tokio::time::timeout(CLOSE_WITHIN, closing).await.is_err() {
+        tracing::warn!(consumer = %spec.name, "the broker did not answer the close within {}s; leaving the connection", CLOSE_WITHIN.as_secs());
+    }
     Ok(())
 }
 
@@ -857,12 +864,23 @@ async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, slot: OwnedSe
         let plugins = ctx.plugins.load_full();
         match pipeline::execute(&spec.command, &plugins, inv, &ctx.abort).await {
             Ok(done) => match &done.run {
-                // A pre plugin answered; nothing ran, nothing failed.
-                None => (
+                // A pre plugin answered for the command: done.
+                None if done.reply.status < 400 => (
                     Verdict::Act(Action::Ack),
                     Ending::of("answered by a plugin".into()),
                     done.reply,
                 ),
+                // A pre plugin refused the message (a bad signature, a
+                // body it cannot map, a plugin that failed with `on-error:
+                // deny`): a failure like any other, never a silent ack.
+                None => {
+                    let ending = Ending::of(format!(
+                        "refused by a plugin with status {}: {}",
+                        done.reply.status,
+                        refusal_detail(&done.reply)
+                    ));
+                    (Verdict::Act(spec.on_exit.other), ending, done.reply)
+                }
                 Some(run) => {
                     let ending = Ending::of_run(run, spec.command.timeout);
                     let action = if run.aborted {
@@ -900,7 +918,18 @@ async fn handle(ctx: Arc<Ctx>, publish: Arc<Channel>, d: Delivery, slot: OwnedSe
     // is settled (the ack, or the confirmed copy for a retry or the
     // dead-letter target, is a broker round trip).
     drop(slot);
-    let settled = settle(&ctx, &publish, &d, &msg, verdict, &ending, &reply).await;
+    let settled = tokio::select! {
+        biased;
+        s = settle(&ctx, &publish, &d, &msg, verdict, &ending, &reply) => s,
+        // Past the drain deadline a settle that waits on the broker (a
+        // connection it blocked, a confirm that does not come) is left
+        // unfinished: the message is unacked, so the broker gets it back
+        // when execd closes the connection.
+        () = ctx.abort.cancelled() => {
+            tracing::warn!(consumer = %spec.name, delivery_tag = d.delivery_tag, "not settled by the drain deadline; the broker will redeliver the message");
+            Settled::Unsettled
+        }
+    };
     ctx.health.count(settled);
     ctx.health.in_flight.fetch_sub(1, Ordering::Relaxed);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -925,6 +954,12 @@ async fn settle(
     reply: &Reply,
 ) -> Settled {
     let spec = &ctx.spec;
+    if !d.acker.usable() {
+        // The channel the message came on is gone, so the broker has put
+        // it back already: a retry or dead-letter copy, or a reply, sent
+        // now would be a second one.
+        return finish(ctx, d, Settled::Unsettled, Ok(false));
+    }
     let final_failure = |why: &'static str| async move {
         match &spec.dead_letter {
             Some(target) => {
@@ -947,8 +982,8 @@ async fn settle(
                         finish(ctx, d, Settled::DeadLettered, ack(d).await)
                     }
                     Err(e) => {
-                        tracing::error!(consumer = %spec.name, target = %describe_target(target), error = %e, "cannot dead-letter the message; putting it back on the queue");
-                        give_back(ctx, d).await
+                        tracing::error!(consumer = %spec.name, target = %describe_target(target), error = %e, "cannot dead-letter the message; putting it back on the queue in {}s", SETTLE_FAILED_PAUSE.as_secs());
+                        give_back_later(ctx, d).await
                     }
                 }
             }
@@ -964,7 +999,7 @@ async fn settle(
         Verdict::Poison => final_failure("poison").await,
         Verdict::Act(Action::Ack) => {
             if !rpc_reply(ctx, publish, d, reply).await {
-                return give_back(ctx, d).await;
+                return give_back_later(ctx, d).await;
             }
             finish(ctx, d, Settled::Acked, ack(d).await)
         }
@@ -999,8 +1034,8 @@ async fn settle(
             match publish_confirmed(publish, "", &queue, &d.data, props).await {
                 Ok(()) => finish(ctx, d, Settled::Retried, ack(d).await),
                 Err(e) => {
-                    tracing::error!(consumer = %spec.name, delay_queue = %queue, error = %e, "cannot schedule the retry; putting the message back on the queue");
-                    give_back(ctx, d).await
+                    tracing::error!(consumer = %spec.name, delay_queue = %queue, error = %e, "cannot schedule the retry; putting the message back on the queue in {}s", SETTLE_FAILED_PAUSE.as_secs());
+                    give_back_later(ctx, d).await
                 }
             }
         }
@@ -1016,6 +1051,26 @@ async fn settle(
 
 async fn ack(d: &Delivery) -> lapin::Result<bool> {
     d.acker.ack(BasicAckOptions::default()).await
+}
+
+/// How long a consumer waits for the broker to answer its close at shutdown.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a message whose settling failed (its retry or dead-letter copy,
+/// or its RPC reply, not taken by the broker) waits before it goes back to
+/// its queue.
+const SETTLE_FAILED_PAUSE: Duration = Duration::from_secs(10);
+
+/// Puts back a message whose settling failed, but not at once: at the
+/// head of its queue it would run again straight away and fail to settle
+/// again, as fast as its command runs, repeating what the command does.
+/// The pause ends early when the consumer stops.
+async fn give_back_later(ctx: &Ctx, d: &Delivery) -> Settled {
+    tokio::select! {
+        () = tokio::time::sleep(SETTLE_FAILED_PAUSE) => {}
+        () = ctx.shutdown.cancelled() => {}
+    }
+    give_back(ctx, d).await
 }
 
 /// Puts the message back at the head of its queue.
@@ -1170,7 +1225,15 @@ fn copy_properties(d: &Delivery, headers: FieldTable) -> BasicProperties {
 /// The headers a dead-lettered message carries: its own, plus why.
 fn why_headers(ctx: &Ctx, d: &Delivery, msg: &Message, ending: &Ending) -> FieldTable {
     let now = rfc3339(SystemTime::now());
-    let mut h = own_headers(d);
+    // The retry count starts again if the message is sent back after a
+    // fix; `x-execd-attempts` below keeps how many were made.
+    let mut h: FieldTable = own_headers(d)
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != ATTEMPT_HEADER)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into();
     set(&mut h, "x-execd-reason", long(&ending.reason));
     if let Some(c) = ending.exit_code {
         set(&mut h, "x-execd-exit-code", AMQPValue::LongInt(c));
@@ -1204,6 +1267,22 @@ fn why_headers(ctx: &Ctx, d: &Delivery, msg: &Message, ending: &Ending) -> Field
     set(&mut h, "x-execd-exchange", long(&msg.exchange));
     set(&mut h, "x-execd-routing-key", long(&msg.routing_key));
     h
+}
+
+/// What a plugin's refusal says: the `detail` of a problem+json body, or
+/// the start of any other body.
+fn refusal_detail(reply: &Reply) -> String {
+    let from_problem = serde_json::from_slice::<serde_json::Value>(&reply.body)
+        .ok()
+        .and_then(|v| v.get("detail")?.as_str().map(str::to_string));
+    from_problem.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&reply.body);
+        text.chars()
+            .take(200)
+            .collect::<String>()
+            .trim()
+            .to_string()
+    })
 }
 
 fn own_headers(d: &Delivery) -> FieldTable {
