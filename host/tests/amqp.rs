@@ -1491,3 +1491,54 @@ async fn a_message_that_cannot_be_dead_lettered_is_kept_without_spinning() {
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_consumer_keeps_its_concurrency() {
+    let broker = Broker::connect().await;
+    let queue = broker.name("serial");
+    let config = |arg: &str| {
+        reload_config(&[(&queue, arg)]).replace(
+            "      cmd: php",
+            "      concurrency: 1\n      prefetch: 1\n      cmd: php",
+        )
+    };
+    let worker = Worker::start(&config("before")).await;
+    // A command of the old consumer holds its one slot across the reload.
+    let hold = worker.dir.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    broker
+        .publish(&queue, b"first", BasicProperties::default())
+        .await;
+    assert!(eventually(Duration::from_secs(10), || worker.record().len() == 1).await);
+    worker
+        .reload(&config("after"))
+        .await
+        .expect("the new config loads");
+    let health = worker.health();
+    assert!(eventually(Duration::from_secs(10), || health.all_connected()).await);
+    broker
+        .publish(&queue, b"second", BasicProperties::default())
+        .await;
+    // The new consumer does not start a second command while the old one's
+    // still runs: `concurrency: 1` holds across the reload.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let runs = worker.record();
+    assert_eq!(runs.len(), 1, "ran side by side: {runs:?}");
+    std::fs::remove_file(&hold).unwrap();
+    assert!(eventually(Duration::from_secs(10), || worker.record().len() == 2).await);
+    let runs = worker.record();
+    assert_eq!(
+        runs.iter()
+            .map(|r| (
+                String::from_utf8_lossy(&r.body).into_owned(),
+                r.argv.clone()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("first".to_string(), vec!["before".to_string()]),
+            ("second".to_string(), vec!["after".to_string()])
+        ]
+    );
+    worker.stop().await;
+    assert_eq!(broker.count(&queue).await, 0);
+}

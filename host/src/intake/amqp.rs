@@ -87,6 +87,9 @@ struct RunningConsumer {
     /// Stops this consumer alone (a child of the daemon's shutdown).
     stop: CancellationToken,
     health: Arc<ConsumerHealth>,
+    /// Its `concurrency` permits; a changed consumer that replaces it on a
+    /// reload takes them over.
+    slots: Arc<Semaphore>,
 }
 
 impl Workers {
@@ -138,7 +141,14 @@ impl Workers {
                     changes.kept += 1;
                 }
                 None => {
-                    running.push(self.spawn(spec, config, plugins.clone()));
+                    // The same consumer, changed: its commands still running
+                    // count against the new one's `concurrency`, so that a
+                    // reload never runs more at once than the config says.
+                    let slots = old.iter().flatten().find_map(|o| {
+                        (o.spec.name == spec.name && o.uri == config.uri)
+                            .then(|| (o.slots.clone(), o.spec.concurrency))
+                    });
+                    running.push(self.spawn(spec, config, plugins.clone(), slots));
                     changes.started += 1;
                 }
             }
@@ -158,7 +168,15 @@ impl Workers {
         spec: &Arc<Consumer>,
         config: &AmqpConfig,
         plugins: Arc<Plugins>,
+        inherited: Option<(Arc<Semaphore>, usize)>,
     ) -> RunningConsumer {
+        let slots = match inherited {
+            Some((slots, before)) => {
+                resize(&slots, before, spec.concurrency);
+                slots
+            }
+            None => Arc::new(Semaphore::new(spec.concurrency)),
+        };
         let health = Arc::new(ConsumerHealth::new(spec));
         let plugins = Arc::new(ArcSwap::new(plugins));
         let stop = self.shutdown.child_token();
@@ -168,7 +186,7 @@ impl Workers {
             uri: config.uri.clone(),
             url: config.url_redacted.clone(),
             plugins: plugins.clone(),
-            slots: Arc::new(Semaphore::new(spec.concurrency)),
+            slots: slots.clone(),
             in_flight: TaskTracker::new(),
             health: health.clone(),
             shutdown: stop.clone(),
@@ -181,6 +199,7 @@ impl Workers {
             plugins,
             stop,
             health,
+            slots,
         }
     }
 
@@ -390,6 +409,23 @@ struct Ctx {
     shutdown: CancellationToken,
     /// The drain deadline passed: stop running commands.
     abort: CancellationToken,
+}
+
+/// Makes `slots`, a semaphore of `before` permits some of which may be
+/// held, one of `after`: a larger one at once, a smaller one as the held
+/// permits come back.
+fn resize(slots: &Arc<Semaphore>, before: usize, after: usize) {
+    if after > before {
+        slots.add_permits(after - before);
+    } else if after < before {
+        let slots = slots.clone();
+        let surplus = u32::try_from(before - after).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            if let Ok(p) = slots.acquire_many_owned(surplus).await {
+                p.forget();
+            }
+        });
+    }
 }
 
 /// Keeps one consumer consuming: connect, declare, consume; on any loss,
