@@ -538,3 +538,58 @@ async fn values_no_environment_can_hold_are_the_clients_error() {
     let p = server.post("/e", &vec![b'a'; room + 1]).await.problem(413);
     assert!(p["detail"].as_str().unwrap().contains("EXECD_BODY"), "{p}");
 }
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_a_408() {
+    let server = start(
+        r#"
+listen: 127.0.0.1:0
+limits:
+  body-timeout: 500ms
+routes:
+  - url: /whole
+    method: POST
+    cmd: /bin/cat
+  - url: /streamed
+    method: POST
+    timeout: 30s
+    cmd: /bin/cat
+"#,
+    )
+    .await;
+    // Read whole: 5 of 10 announced bytes, then nothing.
+    // Streamed into the command (chunked): one chunk, then nothing.
+    for head in [
+        &b"POST /whole HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello"[..],
+        &b"POST /streamed HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            [..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        s.write_all(head).await.unwrap();
+        let t = Instant::now();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        let p = parse_response(&raw).problem(408);
+        assert!(
+            p["detail"].as_str().unwrap().contains("body-timeout"),
+            "{p}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+    // A body that keeps coming, however slowly, is not cut off.
+    let mut s = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    s.write_all(
+        b"POST /whole HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for b in [b"s", b"l", b"o", b"w"] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b).await.unwrap();
+    }
+    let r = read_response(&mut s).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "slow"));
+}

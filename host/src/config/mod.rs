@@ -80,6 +80,8 @@ pub struct Limits {
     pub queue_timeout: Duration,
     /// Time a client has to send its request headers.
     pub header_timeout: Duration,
+    /// Longest a request body may go without sending a byte (408 then).
+    pub body_timeout: Duration,
     /// On shutdown, how long running commands may take to finish.
     pub drain_timeout: Duration,
     /// Between SIGTERM and SIGKILL when a command is stopped.
@@ -97,6 +99,7 @@ impl Default for Limits {
             queue: 256,
             queue_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(2),
             timeout: Duration::from_secs(30),
@@ -535,6 +538,7 @@ fn read_limits(r: &mut Reader<'_>, n: &Node, limits: &mut Limits) {
     for (key, slot) in [
         ("queue-timeout", &mut limits.queue_timeout),
         ("header-timeout", &mut limits.header_timeout),
+        ("body-timeout", &mut limits.body_timeout),
         ("drain-timeout", &mut limits.drain_timeout),
         ("kill-grace", &mut limits.kill_grace),
         ("timeout", &mut limits.timeout),
@@ -554,6 +558,7 @@ fn read_limits(r: &mut Reader<'_>, n: &Node, limits: &mut Limits) {
             "queue",
             "queue-timeout",
             "header-timeout",
+            "body-timeout",
             "drain-timeout",
             "kill-grace",
             "timeout",

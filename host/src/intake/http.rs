@@ -329,6 +329,7 @@ async fn route_request(
     if declared.is_some_and(|n| n > route.max_body) {
         return Err(too_large(route.max_body, request_id));
     }
+    let body_timeout = app.config.limits.body_timeout;
     // A large (or unannounced) body for a command that reads stdin and has
     // no pre plugin to show it to is streamed into the command as it
     // arrives, so execd's memory does not grow with the body.
@@ -340,7 +341,7 @@ async fn route_request(
         (Bytes::new(), Some(req.into_body()))
     } else {
         (
-            read_body(req.into_body(), route.max_body, request_id).await?,
+            read_body(req.into_body(), route.max_body, body_timeout, request_id).await?,
             None,
         )
     };
@@ -377,13 +378,20 @@ async fn route_request(
         Some(incoming) => {
             let abort = shared.abort.child_token();
             let (tx, rx) = tokio::sync::mpsc::channel(8);
-            let feeder = tokio::spawn(feed_body(incoming, tx, route.max_body, abort.clone()));
+            let feeder = tokio::spawn(feed_body(
+                incoming,
+                tx,
+                route.max_body,
+                body_timeout,
+                abort.clone(),
+            ));
             let result =
                 pipeline::execute_with_stdin(&route.command, &app.plugins, inv, Some(rx), &abort)
                     .await;
             let (end, _held) = feeder.await.unwrap_or((BodyEnd::Complete, None));
             match end {
                 BodyEnd::TooLarge => too_large(route.max_body, request_id),
+                BodyEnd::Stalled => stalled(body_timeout, request_id),
                 BodyEnd::Broken(e) => problem::reply(
                     400,
                     "bad-request",
@@ -405,23 +413,51 @@ async fn route_request(
 /// larger ones are streamed when the route allows.
 const STREAM_ABOVE: u64 = 256 * 1024;
 
-async fn read_body(body: Incoming, limit: u64, request_id: &str) -> Result<Bytes, Reply> {
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large(limit, request_id))
-        }
-        Err(e) => Err(problem::reply(
-            400,
-            "bad-request",
-            "Bad request",
-            &format!("cannot read the request body: {e}"),
-            request_id,
-        )),
+async fn read_body(
+    body: Incoming,
+    limit: u64,
+    idle: std::time::Duration,
+    request_id: &str,
+) -> Result<Bytes, Reply> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
     }
+    let mut body = Limited::new(body, limit as usize);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(stalled(idle, request_id)),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame,
+        };
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    chunks.push(data);
+                }
+            }
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return Err(too_large(limit, request_id));
+            }
+            Err(e) => {
+                return Err(problem::reply(
+                    400,
+                    "bad-request",
+                    "Bad request",
+                    &format!("cannot read the request body: {e}"),
+                    request_id,
+                ));
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 /// How a streamed body ended.
@@ -429,6 +465,8 @@ enum BodyEnd {
     Complete,
     /// Past `max-body`: the command was stopped; the answer is 413.
     TooLarge,
+    /// Nothing arrived for `body-timeout`: the command was stopped; 408.
+    Stalled,
     /// The client broke off; the command was stopped.
     Broken(String),
 }
@@ -442,13 +480,20 @@ async fn feed_body(
     mut body: Incoming,
     tx: tokio::sync::mpsc::Sender<Bytes>,
     limit: u64,
+    idle: std::time::Duration,
     abort: CancellationToken,
 ) -> (BodyEnd, Option<tokio::sync::mpsc::Sender<Bytes>>) {
     use http_body_util::BodyExt as _;
     let mut total = 0u64;
     loop {
         let frame = tokio::select! {
-            f = body.frame() => f,
+            f = tokio::time::timeout(idle, body.frame()) => match f {
+                Ok(f) => f,
+                Err(_) => {
+                    abort.cancel();
+                    return (BodyEnd::Stalled, Some(tx));
+                }
+            },
             // The command is done with its input: it ended, or was stopped
             // at its timeout. A client that stalls mid-body must not hold
             // the request, and its slots, open past that.
@@ -486,6 +531,16 @@ fn too_large(limit: u64, request_id: &str) -> Reply {
         "payload-too-large",
         "Payload too large",
         &format!("the request body is larger than this route's max-body of {limit} bytes"),
+        request_id,
+    )
+}
+
+fn stalled(idle: std::time::Duration, request_id: &str) -> Reply {
+    problem::reply(
+        408,
+        "request-timeout",
+        "Request timeout",
+        &format!("the request body sent nothing for {idle:?} (limits.body-timeout)"),
         request_id,
     )
 }
