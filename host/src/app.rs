@@ -54,8 +54,19 @@ impl App {
             )
         })?;
         let mut errors = Vec::new();
-        for route in &config.routes {
-            for (phase, names) in [("pre", &route.command.pre), ("post", &route.command.post)] {
+        // Routes and queue consumers alike: a plugin listed under a phase it
+        // does not have would fail every call.
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| ("route", r.name.as_str(), r.pos, &r.command));
+        let consumers = config
+            .amqp
+            .iter()
+            .flat_map(|a| &a.consumers)
+            .map(|c| ("consumer", c.name.as_str(), c.pos, &c.command));
+        for (kind, owner, pos, command) in routes.chain(consumers) {
+            for (phase, names) in [("pre", &command.pre), ("post", &command.post)] {
                 for name in names {
                     let plugin = plugins
                         .get(name)
@@ -68,12 +79,9 @@ impl App {
                     if !has {
                         errors.push(ConfigError {
                             file: config.source.display().to_string().into(),
-                            pos: route.pos,
+                            pos,
                             field: phase.to_string(),
-                            message: format!(
-                                "route {}: plugin {name} has no {phase} phase",
-                                route.name
-                            ),
+                            message: format!("{kind} {owner}: plugin {name} has no {phase} phase"),
                         });
                     }
                 }

@@ -130,3 +130,62 @@ fn duplicate_routes_are_reported() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_zero_timeout_is_refused_not_a_504_for_every_request() {
+    let yaml = r#"listen: 127.0.0.1:0
+limits:
+  timeout: 0
+  body-timeout: 0s
+  kill-grace: 0
+routes:
+  - url: /a
+    timeout: 0ms
+    cmd: /bin/true
+"#;
+    let errors = errors_of(yaml);
+    let joined = errors.join("\n");
+    assert_eq!(errors.len(), 3, "{joined}");
+    for (field, at) in [
+        ("limits.timeout", "3:12"),
+        ("limits.body-timeout", "4:17"),
+        ("routes[0].timeout", "8:14"),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("execd.yaml:{at}: {field}: must be more than 0"))),
+            "no error for {field} at {at} in\n{joined}"
+        );
+    }
+}
+
+#[test]
+fn tls_files_are_read_at_load_and_need_a_tcp_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    let errors = errors_of(&format!(
+        "listen: 127.0.0.1:0\ntls:\n  cert: {}\n  key: {}\nroutes: []\n",
+        cert.display(),
+        key.display()
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("execd.yaml:3:3: tls: ") && errors[0].contains("cert.pem"),
+        "{errors:?}"
+    );
+    let errors = errors_of(&format!(
+        "listen: unix:{}/execd.sock\ntls:\n  cert: {}\n  key: {}\nroutes: []\n",
+        dir.path().display(),
+        cert.display(),
+        key.display()
+    ));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("HTTPS needs a TCP `listen:`")),
+        "{errors:?}"
+    );
+}

@@ -159,6 +159,17 @@ async fn a_plugin_listed_under_a_phase_it_lacks_is_a_config_error() {
     );
     let err = build_error(&yaml);
     assert!(err.contains("plugin auth has no post phase"), "{err}");
+    // A queue consumer's plugins are checked the same way; at run time the
+    // phase would fail after the command ran, for every message.
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes: []\namqp:\n  url: amqp://127.0.0.1:5672/%2f\n  consumers:\n    - queue: jobs\n      post: [auth]\n      cmd: /bin/true\n",
+        plugins_yaml(&[("auth", "api-key", "    config: {keys: [k]}\n")])
+    );
+    let err = build_error(&yaml);
+    assert!(
+        err.contains("execd.yaml:10:7: post: consumer jobs: plugin auth has no post phase"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -19,6 +19,9 @@ use std::time::Duration;
 
 pub use node::{ConfigError, ConfigErrors, Kind, Node, Pos};
 pub use read::{EnvLookup, interpolate, parse_duration, parse_size};
+
+/// A plugin's `memory` when its entry names none.
+pub const DEFAULT_PLUGIN_MEMORY: u64 = 16 * 1024 * 1024;
 use read::{Fields, Reader};
 pub use template::{Part, Placeholder, Word};
 
@@ -63,6 +66,32 @@ impl std::fmt::Display for Listen {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The server's TLS settings from the PEM files (rustls with the ring
+    /// provider; TLS 1.2 and 1.3).
+    pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+        use anyhow::Context as _;
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .with_context(|| format!("cannot read {}", self.cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{} is not a PEM certificate chain", self.cert.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("{} holds no certificate", self.cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .with_context(|| format!("{} is not a PEM private key", self.key.display()))?;
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not go together")
+    }
 }
 
 /// Daemon-wide limits; routes may lower or raise the per-request ones.
@@ -376,6 +405,13 @@ fn compile(r: &mut Reader<'_>, root: &Node, path: &Path, base: &Path) -> Option<
             }
             if let Some(n) = f.get("tls") {
                 tls = read_tls(r, n, base);
+                if matches!(listen, Listen::Unix(_)) {
+                    r.error(
+                        n.pos,
+                        "tls",
+                        "HTTPS needs a TCP `listen:`; behind a unix socket, the reverse proxy in front terminates TLS",
+                    );
+                }
             }
             f.finish(
                 r,
@@ -468,10 +504,16 @@ fn read_tls(r: &mut Reader<'_>, n: &Node, base: &Path) -> Option<TlsFiles> {
     let cert = file(r, &mut f, "cert");
     let key = file(r, &mut f, "key");
     f.finish(r, &["cert", "key"]);
-    Some(TlsFiles {
+    let files = TlsFiles {
         cert: cert?,
         key: key?,
-    })
+    };
+    // Read now, so that `execd check` catches what `serve` would refuse.
+    if let Err(e) = files.server_config() {
+        r.error(n.pos, "tls", format!("{e:#}"));
+        return None;
+    }
+    Some(files)
 }
 
 fn read_admin(r: &mut Reader<'_>, n: &Node) -> Option<SocketAddr> {
@@ -535,17 +577,22 @@ fn read_limits(r: &mut Reader<'_>, n: &Node, limits: &mut Limits) {
             .int(v, &f.field("queue"), 0, 1_000_000)
             .map_or(limits.queue, |x| x as usize);
     }
-    for (key, slot) in [
-        ("queue-timeout", &mut limits.queue_timeout),
-        ("header-timeout", &mut limits.header_timeout),
-        ("body-timeout", &mut limits.body_timeout),
-        ("drain-timeout", &mut limits.drain_timeout),
-        ("kill-grace", &mut limits.kill_grace),
-        ("timeout", &mut limits.timeout),
+    // `true`: a deadline that 0 would make every request miss.
+    for (key, slot, positive) in [
+        ("queue-timeout", &mut limits.queue_timeout, false),
+        ("header-timeout", &mut limits.header_timeout, true),
+        ("body-timeout", &mut limits.body_timeout, true),
+        ("drain-timeout", &mut limits.drain_timeout, false),
+        ("kill-grace", &mut limits.kill_grace, false),
+        ("timeout", &mut limits.timeout, true),
     ] {
-        if let Some(v) = f.get(key)
-            && let Some(d) = r.duration(v, &f.field(key))
-        {
+        let Some(v) = f.get(key) else { continue };
+        let d = if positive {
+            r.timeout(v, &f.field(key))
+        } else {
+            r.duration(v, &f.field(key))
+        };
+        if let Some(d) = d {
             *slot = d;
         }
     }
@@ -621,12 +668,12 @@ fn read_plugins(r: &mut Reader<'_>, n: &Node, base: &Path) -> Vec<PluginSpec> {
             .unwrap_or(serde_json::Value::Null);
         let timeout = f
             .get("timeout")
-            .and_then(|t| r.duration(t, &f.field("timeout")))
+            .and_then(|t| r.timeout(t, &f.field("timeout")))
             .unwrap_or(Duration::from_millis(100));
         let memory = f
             .get("memory")
             .and_then(|m| r.size(m, &f.field("memory")))
-            .unwrap_or(16 * 1024 * 1024);
+            .unwrap_or(DEFAULT_PLUGIN_MEMORY);
         let on_error = match f.get("on-error") {
             None => OnError::Deny,
             Some(e) => match r.string(e, &f.field("on-error")).as_deref() {
@@ -986,7 +1033,7 @@ pub(super) fn read_command(
     };
     let timeout = f
         .get("timeout")
-        .and_then(|t| r.duration(t, &f.field("timeout")))
+        .and_then(|t| r.timeout(t, &f.field("timeout")))
         .unwrap_or(limits.timeout);
     let kill_grace = f
         .get("kill-grace")

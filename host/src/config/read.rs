@@ -172,6 +172,21 @@ impl<'a> Reader<'a> {
         parsed
     }
 
+    /// A [`duration`](Self::duration) that must be more than zero: a
+    /// timeout of 0 would stop every command (or call) as it starts.
+    pub fn timeout(&mut self, node: &Node, field: &str) -> Option<Duration> {
+        let d = self.duration(node, field)?;
+        if d.is_zero() {
+            self.error(
+                node.pos,
+                field,
+                "must be more than 0; there is no unlimited timeout: give a long one, such as \"1h\"".to_string(),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
     /// A byte size: a number of bytes or a number with a unit (`64KiB`,
     /// `10MiB`, `1GiB`, `10MB`).
     pub fn size(&mut self, node: &Node, field: &str) -> Option<u64> {
@@ -338,7 +353,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Only names made of letters, digits and `_` are environment references;
 /// `${query.id}` and the like are request placeholders and stay for the
 /// command template. `$$` is a literal `$` (kept as `$$` when
-/// `keep_escapes`, so the template parser sees it too).
+/// `keep_escapes`, so the template parser sees it too). With
+/// `keep_escapes` (a command, split into words next) a value is quoted
+/// for that split: it stays one literal part of its word, whatever it
+/// holds (spaces, quotes, backslashes, `$`), as a request placeholder does.
+///
+/// A default applies when the variable is unset or empty, as in a shell;
+/// without one, only an unset variable is an error.
 pub fn interpolate(s: &str, env: EnvLookup<'_>, keep_escapes: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());
@@ -364,10 +385,13 @@ pub fn interpolate(s: &str, env: EnvLookup<'_>, keep_escapes: bool) -> Result<St
             // body, body_file and request_id are request placeholders, not
             // environment variables.
             if is_env_name(name) && !matches!(name, "body" | "body_file" | "request_id") {
-                match (env)(name)
-                    .filter(|v| !v.is_empty())
-                    .or(default.map(str::to_string))
-                {
+                let value = match ((env)(name), default) {
+                    (Some(v), Some(d)) if v.is_empty() => Some(d.to_string()),
+                    (Some(v), _) => Some(v),
+                    (None, d) => d.map(str::to_string),
+                };
+                match value {
+                    Some(v) if keep_escapes => out.push_str(&literal_for_template(&v)),
                     Some(v) => out.push_str(&v),
                     None => {
                         return Err(format!(
@@ -384,6 +408,13 @@ pub fn interpolate(s: &str, env: EnvLookup<'_>, keep_escapes: bool) -> Result<St
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// `v` quoted for [`super::template::parse_command`]: single quotes (a
+/// quote in it closed, escaped and reopened) keep the word splitting off
+/// it, and `$$` keeps the placeholder parser off its `$`.
+fn literal_for_template(v: &str) -> String {
+    format!("'{}'", v.replace('$', "$$").replace('\'', r"'\''"))
 }
 
 fn is_env_name(s: &str) -> bool {
@@ -452,6 +483,34 @@ mod tests {
         assert_eq!(interpolate("$body", e, false).unwrap(), "$body");
         let err = interpolate("${MISSING}", e, false).unwrap_err();
         assert!(err.contains("MISSING is not set"), "{err}");
+    }
+
+    #[test]
+    fn an_env_value_in_a_command_is_one_literal_part_of_its_word() {
+        let odd = "a b'c\\d\"e$9${body}$$";
+        let lookup = |name: &str| match name {
+            "ODD" => Some(odd.to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let e: EnvLookup = &lookup;
+        let text = interpolate("php x.php --pass=${ODD} ${EMPTY} ${EMPTY:-d}", e, true).unwrap();
+        let words = crate::config::template::parse_command(&text).unwrap();
+        let lits: Vec<Option<&str>> = words.iter().map(|w| w.literal()).collect();
+        let expected = format!("--pass={odd}");
+        assert_eq!(
+            lits,
+            [
+                Some("php"),
+                Some("x.php"),
+                Some(expected.as_str()),
+                Some(""),
+                Some("d")
+            ]
+        );
+        // Outside a command the value is used as it is.
+        assert_eq!(interpolate("${ODD}", e, false).unwrap(), odd);
+        assert_eq!(interpolate("[${EMPTY}]", e, false).unwrap(), "[]");
     }
 
     #[test]
