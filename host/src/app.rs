@@ -93,6 +93,36 @@ impl App {
         Ok(Self::with_plugins(config, Arc::new(plugins)))
     }
 
+    /// Takes over the slots of `old`'s gates (the global one, and each
+    /// route's by name), so that commands still running under the previous
+    /// config count against this one's caps.
+    pub fn carry_gates(&mut self, old: &App) {
+        let limits = &self.config.limits;
+        self.global = Arc::new(Gate::carry(
+            &old.global,
+            limits.max_concurrency,
+            limits.queue,
+            limits.queue_timeout,
+        ));
+        for slot in &mut self.routes {
+            let (Some(n), Some(before)) = (
+                slot.route.max_concurrency,
+                old.routes
+                    .iter()
+                    .find(|o| o.route.name == slot.route.name)
+                    .and_then(|o| o.gate.as_ref()),
+            ) else {
+                continue;
+            };
+            slot.gate = Some(Arc::new(Gate::carry(
+                before,
+                n,
+                limits.queue,
+                limits.queue_timeout,
+            )));
+        }
+    }
+
     /// Builds with plugins already loaded.
     pub fn with_plugins(config: Arc<Config>, plugins: Arc<Plugins>) -> Self {
         let limits = &config.limits;
@@ -161,6 +191,8 @@ pub enum Busy {
 /// A concurrency cap with a bounded wait queue.
 pub struct Gate {
     slots: Arc<Semaphore>,
+    /// How many slots there are, taken or not.
+    capacity: usize,
     waiting: AtomicUsize,
     queue: usize,
     queue_timeout: Duration,
@@ -170,6 +202,21 @@ impl Gate {
     pub fn new(slots: usize, queue: usize, queue_timeout: Duration) -> Self {
         Gate {
             slots: Arc::new(Semaphore::new(slots)),
+            capacity: slots,
+            waiting: AtomicUsize::new(0),
+            queue,
+            queue_timeout,
+        }
+    }
+
+    /// A gate of `slots` that takes over `old`'s slots, so that what still
+    /// runs under `old` counts against the new cap (a reload never runs
+    /// more at once than the config says).
+    pub fn carry(old: &Gate, slots: usize, queue: usize, queue_timeout: Duration) -> Self {
+        resize(&old.slots, old.capacity, slots);
+        Gate {
+            slots: old.slots.clone(),
+            capacity: slots,
             waiting: AtomicUsize::new(0),
             queue,
             queue_timeout,
@@ -198,6 +245,23 @@ impl Gate {
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Makes `slots`, a semaphore of `before` permits some of which may be
+/// held, one of `after`: a larger one at once, a smaller one as the held
+/// permits come back. Needs a tokio runtime when it shrinks.
+pub fn resize(slots: &Arc<Semaphore>, before: usize, after: usize) {
+    if after > before {
+        slots.add_permits(after - before);
+    } else if after < before {
+        let slots = slots.clone();
+        let surplus = u32::try_from(before - after).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            if let Ok(p) = slots.acquire_many_owned(surplus).await {
+                p.forget();
+            }
+        });
     }
 }
 

@@ -27,6 +27,36 @@ pub struct Running {
     pub admin_addr: Option<String>,
     /// Stops the admin listener after the drain.
     admin_stop: CancellationToken,
+    /// The unix socket this process bound, to remove at shutdown only if
+    /// it is still this one.
+    socket: Option<BoundSocket>,
+    /// The HTTPS listener's acceptor, which a reload renews.
+    tls: Option<Arc<ArcSwap<tokio_rustls::TlsAcceptor>>>,
+}
+
+/// A socket file by path and identity (device, inode).
+struct BoundSocket {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl BoundSocket {
+    fn of(path: &std::path::Path) -> Option<BoundSocket> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(BoundSocket {
+            path: path.to_path_buf(),
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Removes the file unless it has been replaced since (another
+    /// instance started on the same path, say).
+    fn remove(&self) {
+        if BoundSocket::of(&self.path).is_some_and(|now| now.id == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds the configured listener and starts serving.
@@ -35,6 +65,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = App::build(Arc::new(config))?;
     let listener = bind(&app.config.listen, app.config.tls.as_ref()).await?;
     let addr = listener.local_addr();
+    let tls = match &listener {
+        Listener::Tls(_, acceptor) => Some(acceptor.clone()),
+        _ => None,
+    };
+    let socket = match &app.config.listen {
+        Listen::Unix(path) => BoundSocket::of(path),
+        Listen::Tcp(_) => None,
+    };
     let plugins = app.plugins.clone();
     let amqp_config = app.config.amqp.clone();
     let admin_listener = match app.config.admin {
@@ -79,6 +117,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         amqp,
         admin_addr,
         admin_stop,
+        socket,
+        tls,
     })
 }
 
@@ -90,19 +130,29 @@ async fn bind(listen: &Listen, tls: Option<&crate::config::TlsFiles>) -> anyhow:
                 .with_context(|| format!("cannot listen on {addr}"))?;
             Ok(match tls {
                 None => Listener::Tcp(l),
-                Some(files) => Listener::Tls(l, tls_acceptor(files)?),
+                Some(files) => {
+                    Listener::Tls(l, Arc::new(ArcSwap::from_pointee(tls_acceptor(files)?)))
+                }
             })
         }
         Listen::Unix(path) => {
-            // A socket file left by a previous run would make bind fail.
-            if std::fs::symlink_metadata(path)
-                .map(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                })
-                .unwrap_or(false)
-            {
-                let _ = std::fs::remove_file(path);
+            // A socket file left by a previous run would make bind fail; one
+            // that a live process still listens on is not ours to take.
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            });
+            if is_socket {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => anyhow::bail!(
+                        "cannot listen on unix:{}: another process is listening on it",
+                        path.display()
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Err(_) => {}
+                }
             }
             Ok(Listener::Unix(
                 tokio::net::UnixListener::bind(path)
@@ -112,28 +162,11 @@ async fn bind(listen: &Listen, tls: Option<&crate::config::TlsFiles>) -> anyhow:
     }
 }
 
-/// A TLS acceptor from PEM files (rustls with the ring provider; TLS 1.2
-/// and 1.3).
+/// A TLS acceptor from the config's PEM files.
 fn tls_acceptor(files: &crate::config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("cannot read {}", files.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not a PEM certificate chain", files.cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", files.cert.display());
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("{} is not a PEM private key", files.key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the certificate and key do not go together")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(
+        files.server_config()?,
+    )))
 }
 
 impl Running {
@@ -165,10 +198,19 @@ impl Running {
                 "drain deadline passed; stopping the commands still running"
             );
             self.shared.abort.cancel();
-            drained.await;
+            // The commands are gone within their kill grace; what may be
+            // left is a client that does not read its answer, or a broker
+            // that does not answer. Neither holds the process.
+            let last = longest_kill_grace(&self.shared.app.load().config) + LAST_WAIT;
+            if tokio::time::timeout(last, &mut drained).await.is_err() {
+                tracing::warn!(
+                    ?last,
+                    "connections still open after the commands were stopped; leaving them"
+                );
+            }
         }
-        if let Listen::Unix(path) = &self.shared.app.load().config.listen {
-            let _ = std::fs::remove_file(path);
+        if let Some(socket) = &self.socket {
+            socket.remove();
         }
         self.admin_stop.cancel();
     }
@@ -194,11 +236,26 @@ impl Running {
             }]))
         });
         match built {
-            Ok(app) => {
+            Ok(mut app) => {
+                app.carry_gates(&old);
                 if app.config.listen != old.config.listen || app.config.admin != old.config.admin {
                     tracing::warn!(
                         "listen and admin addresses change only on restart; the old ones stay"
                     );
+                }
+                // A renewed certificate takes effect for new connections;
+                // the files were read and checked when the config loaded.
+                match (&self.tls, &app.config.tls) {
+                    (Some(acceptor), Some(files)) => match tls_acceptor(files) {
+                        Ok(a) => acceptor.store(Arc::new(a)),
+                        Err(e) => tracing::warn!(
+                            "cannot read the tls files again ({e:#}); the old certificate stays"
+                        ),
+                    },
+                    (None, Some(_)) | (Some(_), None) => tracing::warn!(
+                        "turning tls on or off changes only on restart; the listener stays as it is"
+                    ),
+                    (None, None) => {}
                 }
                 let routes = app.config.routes.len();
                 let consumers = self
@@ -229,12 +286,15 @@ impl Running {
         }
     }
 
-    /// Files whose change should trigger a reload with `--watch`: the config
-    /// and every plugin it names.
+    /// Files whose change should trigger a reload with `--watch`: the config,
+    /// every plugin it names, and its TLS certificate and key.
     pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
         let app = self.shared.app.load();
         let mut files = vec![app.config.source.clone()];
         files.extend(app.config.plugins.iter().map(|p| p.path.clone()));
+        if let Some(tls) = &app.config.tls {
+            files.extend([tls.cert.clone(), tls.key.clone()]);
+        }
         files
     }
 
@@ -269,9 +329,37 @@ impl Running {
         }
         let drain = self.shared.app.load().config.limits.drain_timeout;
         tracing::info!(?drain, "shutting down: no new requests; draining");
-        self.stop(drain).await;
+        let abort = self.shared.abort.clone();
+        let stopping = self.stop(drain);
+        tokio::pin!(stopping);
+        tokio::select! {
+            () = &mut stopping => {}
+            // A second signal: an operator who will not wait for the drain.
+            () = termination_signal() => {
+                tracing::warn!("second signal: stopping the commands still running now");
+                abort.cancel();
+                stopping.await;
+            }
+        }
         tracing::info!("stopped");
     }
+}
+
+/// How long the drain waits, beyond the longest kill grace, once the
+/// commands still running have been told to stop.
+const LAST_WAIT: Duration = Duration::from_secs(5);
+
+/// The longest SIGTERM-to-SIGKILL delay any route or consumer has.
+fn longest_kill_grace(config: &Config) -> Duration {
+    let routes = config.routes.iter().map(|r| r.command.kill_grace);
+    let consumers = config
+        .amqp
+        .iter()
+        .flat_map(|a| &a.consumers)
+        .map(|c| c.command.kill_grace);
+    routes
+        .chain(consumers)
+        .fold(config.limits.kill_grace, Duration::max)
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -65,6 +65,37 @@ fn run_invokes_one_route_without_a_server() {
 }
 
 #[test]
+fn a_second_sigterm_stops_the_drain() {
+    let port = free_port();
+    let (_dir, path) = write_config(&format!(
+        "listen: 127.0.0.1:{port}\nadmin: off\nlimits: {{drain-timeout: 60s, kill-grace: 0s}}\nroutes:\n  - url: /s\n    cmd: /bin/sleep 30\n"
+    ));
+    let addr = format!("127.0.0.1:{port}");
+    let mut execd = Binary::serve(&[], &path, &addr);
+    block_on(async {
+        let a = addr.clone();
+        let inflight = tokio::spawn(async move { request(&a, "GET", "/s", &[], b"").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The first signal drains: the 30 s command may finish, for up to
+        // 60 s. The second means now.
+        execd.signal(libc::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        execd.signal(libc::SIGTERM);
+        let r = inflight.await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.status, 503, "the stopped command's answer: {}", r.text());
+    });
+    assert_eq!(execd.wait(), Some(0));
+    let log = execd.log();
+    assert!(log.contains("second signal"), "{log}");
+}
+
+#[test]
 fn serve_drains_on_sigterm_and_exits_zero() {
     let port = free_port();
     let (_dir, path) = write_config(&format!(

@@ -220,30 +220,33 @@ fn sighup_reloads_the_binary() {
 async fn https_listener_answers_with_the_configured_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let make_cert = |cert: &std::path::Path, key: &std::path::Path| {
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(key)
+            .arg("-out")
+            .arg(cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    make_cert(&cert, &key);
     let server = start(&format!(
         "listen: 127.0.0.1:0\nadmin: off\ntls:\n  cert: {}\n  key: {}\nroutes:\n  - url: /x\n    cmd: /bin/echo secure\n",
         cert.display(),
@@ -280,6 +283,29 @@ async fn https_listener_answers_with_the_configured_certificate() {
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&again.stdout), "secure\n");
+
+    // A renewed certificate, written over the old files, is served after a
+    // reload (SIGHUP), to new connections, without a restart.
+    let renewed = dir.path().join("renewed.pem");
+    make_cert(&renewed, &dir.path().join("renewed-key.pem"));
+    let trusting_renewed = || {
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&renewed)
+            .arg(&url)
+            .output()
+    };
+    assert!(!trusting_renewed().await.unwrap().status.success());
+    std::fs::copy(&renewed, &cert).unwrap();
+    std::fs::copy(dir.path().join("renewed-key.pem"), &key).unwrap();
+    server.running().reload().await.expect("reload");
+    let out = trusting_renewed().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "secure\n");
 }
 
 #[tokio::test]
@@ -318,4 +344,85 @@ async fn a_client_that_leaves_early_is_counted_and_leaves_no_trace_in_flight() {
     }
     assert_eq!(get(&m, "execd_http_in_flight"), 0.0);
     assert_eq!(get(&m, series) - before, 1.0, "counted with status 499");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_concurrency_caps_of_running_commands() {
+    let server = start(
+        r#"listen: 127.0.0.1:0
+limits:
+  queue: 0
+routes:
+  - url: /serial
+    max-concurrency: 1
+    shell: true
+    cmd: "touch {dir}/started; while [ -e {dir}/hold ]; do sleep 0.02; done; echo done"
+"#,
+    )
+    .await;
+    let hold = server.dir.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let addr = server.addr.clone();
+    let first = tokio::spawn(async move { request(&addr, "GET", "/serial", &[], b"").await });
+    let started = server.dir.path().join("started");
+    assert!(eventually(Duration::from_secs(10), || started.exists()).await);
+    // While it holds the route's one slot, a second is turned away (no
+    // queue).
+    server.get("/serial").await.problem(503);
+    // A reload that changes something else: the running command still
+    // counts against the route's cap, and the global one.
+    let path = server.dir.path().join("execd.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("echo done", "echo done again")).unwrap();
+    server.running().reload().await.expect("reload");
+    server.get("/serial").await.problem(503);
+    std::fs::remove_file(&hold).unwrap();
+    let r = first.await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "done\n"));
+    let r = server.get("/serial").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "done again\n"));
+}
+
+#[tokio::test]
+async fn a_unix_socket_in_use_is_not_taken_and_not_removed_by_another_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("execd.sock");
+    let config = |word: &str| {
+        format!(
+            "listen: unix:{}\nadmin: off\nroutes:\n  - url: /x\n    cmd: /bin/echo {word}\n",
+            sock.display()
+        )
+    };
+    let ask = |sock: std::path::PathBuf| async move {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw)
+            .await
+            .unwrap();
+        parse_response(&raw).text()
+    };
+    let first = start(&config("first")).await;
+    // A second instance on the same path while the first one answers.
+    let (_d, path) = write_config(&config("second"));
+    let err = execd::daemon::start(execd::config::load(&path).unwrap())
+        .await
+        .err()
+        .expect("the socket is in use");
+    assert!(
+        err.to_string().contains("another process is listening"),
+        "{err}"
+    );
+    assert_eq!(ask(sock.clone()).await, "first\n");
+    // A restart that overlaps: the new instance binds the path anew (its
+    // operator removed the file), then the old one stops.
+    std::fs::remove_file(&sock).unwrap();
+    let second = start(&config("second")).await;
+    first.stop(Duration::from_secs(1)).await;
+    assert_eq!(ask(sock.clone()).await, "second\n", "the new socket stays");
+    second.stop(Duration::from_secs(1)).await;
+    assert!(!sock.exists(), "its own socket file is removed on shutdown");
 }

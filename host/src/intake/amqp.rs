@@ -172,7 +172,7 @@ impl Workers {
     ) -> RunningConsumer {
         let slots = match inherited {
             Some((slots, before)) => {
-                resize(&slots, before, spec.concurrency);
+                crate::app::resize(&slots, before, spec.concurrency);
                 slots
             }
             None => Arc::new(Semaphore::new(spec.concurrency)),
@@ -409,23 +409,6 @@ struct Ctx {
     shutdown: CancellationToken,
     /// The drain deadline passed: stop running commands.
     abort: CancellationToken,
-}
-
-/// Makes `slots`, a semaphore of `before` permits some of which may be
-/// held, one of `after`: a larger one at once, a smaller one as the held
-/// permits come back.
-fn resize(slots: &Arc<Semaphore>, before: usize, after: usize) {
-    if after > before {
-        slots.add_permits(after - before);
-    } else if after < before {
-        let slots = slots.clone();
-        let surplus = u32::try_from(before - after).unwrap_or(u32::MAX);
-        tokio::spawn(async move {
-            if let Ok(p) = slots.acquire_many_owned(surplus).await {
-                p.forget();
-            }
-        });
-    }
 }
 
 /// Keeps one consumer consuming: connect, declare, consume; on any loss,

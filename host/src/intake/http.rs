@@ -29,7 +29,11 @@ use crate::problem;
 pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// HTTPS: the handshake runs in the connection's own task.
-    Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
+    /// The acceptor is swapped by a reload that re-reads the PEM files.
+    Tls(
+        tokio::net::TcpListener,
+        Arc<ArcSwap<tokio_rustls::TlsAcceptor>>,
+    ),
     Unix(tokio::net::UnixListener),
 }
 
@@ -140,7 +144,10 @@ async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
         Listener::Tls(l, acceptor) => {
             let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Accepted::Tls(s, acceptor.clone()), addr.to_string()))
+            Ok((
+                Accepted::Tls(s, (**acceptor.load()).clone()),
+                addr.to_string(),
+            ))
         }
         Listener::Unix(l) => {
             let (s, _) = l.accept().await?;
