@@ -96,6 +96,10 @@ enum PluginCommand {
         /// Deadline for the call.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         timeout: std::time::Duration,
+        /// Memory cap for the call, as the `memory` of a config's plugin
+        /// entry (16MiB there too when it names none).
+        #[arg(long, default_value = "16MiB", value_parser = parse_memory)]
+        memory: u64,
     },
     /// Create a new plugin crate from the template.
     New {
@@ -112,6 +116,12 @@ enum PluginCommand {
     /// daemon keeps the compiler out of its own memory.
     #[command(hide = true)]
     CompileStdio,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+        .filter(|&n| n > 0 && n <= execd::plugin::MAX_PLUGIN_MEMORY)
+        .ok_or_else(|| format!("{s:?} is not a size from 1 byte to 256MiB (e.g. 16MiB)"))
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -145,7 +155,8 @@ fn main() -> ExitCode {
             request,
             phase,
             timeout,
-        }) => execd::plugin::author::run(&wasm, &config, &request, phase, timeout).and_then(|decision| {
+            memory,
+        }) => execd::plugin::author::run(&wasm, &config, &request, phase, timeout, memory).and_then(|decision| {
             println!("{}", serde_json::to_string_pretty(&decision)?);
             Ok(ExitCode::SUCCESS)
         }),

@@ -179,6 +179,26 @@ fn plugin_run_prints_the_decision() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("config rejected by the plugin"));
+
+    // --memory caps the call as a served plugin's `memory` does: api-key
+    // starts with 640 KiB of memory, so 512 KiB is too little.
+    let out = execd()
+        .args([
+            "plugin",
+            "run",
+            &wasm,
+            "--memory",
+            "512KiB",
+            "--config",
+            r#"{"keys": ["k-1"]}"#,
+            "--request",
+        ])
+        .arg(&req)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("memory"), "{stderr}");
 }
 
 #[test]

@@ -822,3 +822,46 @@ fn a_flooding_plugin_is_held_to_its_log_limits() {
         .count();
     assert_eq!(warnings, 1, "{stderr}");
 }
+
+/// A plugin's log line may quote what a client sent (jwt names the
+/// token's algorithm when it refuses it): a newline in it is escaped, so a
+/// client cannot write a line that passes for one of execd's own.
+#[test]
+fn a_client_cannot_forge_log_lines_through_a_plugin() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{}routes:\n  - url: /t\n    pre: [auth]\n    cmd: /bin/echo ran\n",
+        plugins_yaml(&[(
+            "auth",
+            "jwt",
+            "    config: {secret: log-test-secret-of-at-least-32-bytes}\n"
+        )])
+    );
+    let (_dir, path) = write_config(&yaml);
+    let forged = "FORGED INFO execd::intake::http: request status=200";
+    let token = format!(
+        "{}.{}.c2ln",
+        b64url(format!(r#"{{"alg":"x\n{forged}","typ":"JWT"}}"#).as_bytes()),
+        b64url(br#"{"sub":"u"}"#)
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_execd"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .args(["GET", "/t", "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().all(|l| !l.starts_with("FORGED")),
+        "a forged line: {stderr}"
+    );
+    let refusal = stderr
+        .lines()
+        .find(|l| l.contains("request rejected"))
+        .unwrap_or_else(|| panic!("no refusal logged: {stderr}"));
+    assert!(
+        refusal.contains(&format!("x\\n{forged}")) && refusal.contains(r#"plugin="auth""#),
+        "{refusal}"
+    );
+}

@@ -81,6 +81,7 @@ pub fn run(
     request: &Path,
     phase: Option<Phase>,
     timeout: Duration,
+    memory: u64,
 ) -> anyhow::Result<Value> {
     let config_value: Value = serde_json::from_str(config).context("--config is not JSON")?;
     let spec = PluginSpec {
@@ -91,7 +92,7 @@ pub fn run(
         path: wasm.to_path_buf(),
         config: config_value.to_string(),
         timeout,
-        memory: 64 * 1024 * 1024,
+        memory,
         on_error: OnError::Deny,
         pos: Pos::default(),
     };

@@ -49,6 +49,16 @@ fn pagemap_scan() -> bool {
     wasmtime::PoolingAllocationConfig::is_pagemap_scan_available()
 }
 
+/// Plugin calls running at once, daemon-wide. Each holds one component
+/// instance of the pool (256), and up to 8 core instances (1024) and 4
+/// memories (512); calls beyond wait for a slot.
+const CALLS_AT_ONCE: usize = 128;
+
+fn call_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(CALLS_AT_ONCE))
+}
+
 /// The engine settings plugins are compiled for and run with. Compiled
 /// code is only accepted by an engine with the same settings, so the
 /// engine that compiles and the one that runs are both built from this.
@@ -481,12 +491,74 @@ pub struct CallState {
     /// random number generators.
     wasi: Option<WasiCtx>,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: CallLimits,
     plugin: Arc<str>,
     route: Arc<str>,
     request_id: Arc<str>,
     log_lines: u32,
     _ticking: Ticking,
+}
+
+/// wasmtime's [`StoreLimits`], which cap each linear memory on its own,
+/// and one cap on all of a call's memories together: a component made of
+/// several core modules has one memory each, and `memory:` is what the
+/// whole call may use.
+struct CallLimits {
+    each: StoreLimits,
+    /// Bytes of linear memory the call holds now, all memories together.
+    memory: usize,
+    memory_cap: usize,
+}
+
+impl wasmtime::ResourceLimiter for CallLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if !self.each.memory_growing(current, desired, maximum)? {
+            return Ok(false);
+        }
+        let total = self.memory.saturating_sub(current).saturating_add(desired);
+        if total > self.memory_cap {
+            wasmtime::bail!(
+                "forcing trap: the call's memories would hold {total} bytes in all, over its limit of {} bytes (memory:)",
+                self.memory_cap
+            );
+        }
+        self.memory = total;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.each.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.each.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.each.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.each.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.each.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.each.memories()
+    }
 }
 
 impl WasiView for CallState {
@@ -527,7 +599,9 @@ impl bindings::execd::plugin::log::Host for CallState {
                 .nth(2048)
                 .map_or(message.len(), |(i, _)| i)
         };
-        let message = &message[..end];
+        // One log line per call of `log`: a newline in the message (which
+        // may quote what a client sent) must not start a line of its own.
+        let message = one_line(&message[..end]);
         let (p, r, id) = (&*self.plugin, &*self.route, &*self.request_id);
         match level {
             Level::Trace => tracing::trace!(plugin = p, route = r, request_id = id, "{message}"),
@@ -537,6 +611,23 @@ impl bindings::execd::plugin::log::Host for CallState {
             Level::Error => tracing::error!(plugin = p, route = r, request_id = id, "{message}"),
         }
     }
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`), so that it
+/// stays one line and cannot pass for a line of execd's own.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 /// Why a plugin call produced no result.
@@ -661,13 +752,17 @@ impl Plugin {
         let state = CallState {
             wasi: None,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.spec.memory as usize)
-                .instances(64)
-                .tables(64)
-                .memories(16)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: CallLimits {
+                each: StoreLimitsBuilder::new()
+                    .memory_size(self.spec.memory as usize)
+                    .instances(64)
+                    .tables(64)
+                    .memories(16)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                memory: 0,
+                memory_cap: self.spec.memory as usize,
+            },
             plugin: self.name.clone(),
             route: route.clone(),
             request_id: request_id.clone(),
@@ -728,6 +823,13 @@ impl Plugin {
         load: impl FnOnce(&mut Store<CallState>, &Instance) -> wasmtime::Result<G>,
         call: impl AsyncFnOnce(&G, &mut Store<CallState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, PluginError> {
+        // A slot of the pool first: a call over the pool's size would fail
+        // as if the plugin had trapped. It waits instead, within its
+        // deadline.
+        let _slot = tokio::time::timeout(self.spec.timeout, call_slots().acquire())
+            .await
+            .map_err(|_| PluginError::Timeout(self.spec.timeout))?
+            .expect("the call semaphore is never closed");
         let mut store = self.store(route, request_id);
         let instance = self.instantiate(&mut store).await?;
         let guest = load(&mut store, &instance).map_err(|e| self.classify(e))?;
@@ -863,5 +965,38 @@ fn release_compiler_memory() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter as _;
+
+    const MIB: usize = 1 << 20;
+
+    fn limits(cap: usize) -> CallLimits {
+        CallLimits {
+            each: StoreLimitsBuilder::new()
+                .memory_size(cap)
+                .trap_on_grow_failure(true)
+                .build(),
+            memory: 0,
+            memory_cap: cap,
+        }
+    }
+
+    #[test]
+    fn the_memory_cap_holds_for_all_memories_together() {
+        let mut l = limits(16 * MIB);
+        // Two memories of 10 MiB: each under the cap, not both.
+        assert!(l.memory_growing(0, 10 * MIB, None).unwrap());
+        let err = l.memory_growing(0, 10 * MIB, None).unwrap_err();
+        assert!(err.to_string().contains("20971520 bytes in all"), "{err}");
+        // The first one grows within what is left, then no further.
+        assert!(l.memory_growing(10 * MIB, 16 * MIB, None).unwrap());
+        assert!(l.memory_growing(0, 64 * 1024, None).is_err());
+        // One memory alone past the cap is refused as before.
+        assert!(limits(16 * MIB).memory_growing(0, 17 * MIB, None).is_err());
     }
 }
