@@ -48,8 +48,8 @@ if (!function_exists('execd_reply')) {
         if (!is_string($path) || $path === '') {
             throw new ExecdReplyException('EXECD_REPLY_SOCKET is not set: enable `reply-socket: true` on the route or consumer');
         }
-        if ($status < 100 || $status > 599) {
-            throw new ExecdReplyException("status $status is not between 100 and 599");
+        if ($status < 200 || $status > 599) {
+            throw new ExecdReplyException("status $status is not between 200 and 599");
         }
         $frame = 'EXECD-REPLY/1 ' . $status . ' ' . strlen($body) . "\n";
         foreach ($headers as $name => $value) {

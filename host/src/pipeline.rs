@@ -459,12 +459,28 @@ pub fn wit_invocation(inv: &Invocation) -> wit::Invocation {
 /// and a problem+json body gains the request id like execd's own problems.
 fn from_wit_reply(r: wit::Reply, request_id: &str) -> Reply {
     let mut reply = Reply {
-        status: if (100..=599).contains(&r.status) {
+        // 1xx are interim answers: no final response can have one.
+        status: if (200..=599).contains(&r.status) {
             r.status
         } else {
             500
         },
-        headers: r.headers,
+        headers: r
+            .headers
+            .into_iter()
+            .filter(|(name, value)| {
+                // A control character would end the header line early (a
+                // newline could start a header of the plugin's choosing);
+                // HTTP would drop it anyway, AMQP and `execd run` would not.
+                let ok = !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+                    && !value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f);
+                if !ok {
+                    tracing::warn!(request_id, header = %name.escape_debug(), "dropped a header the plugin set: a bad name or a control character in its value");
+                }
+                ok
+            })
+            .collect(),
         body: Bytes::from(r.body),
     };
     let is_problem = reply
@@ -877,7 +893,7 @@ pub fn parse_cgi(out: &Bytes, default_status: u16, default_type: &str) -> Result
             let code: u16 = code
                 .parse()
                 .ok()
-                .filter(|c| (100..=599).contains(c))
+                .filter(|c| (200..=599).contains(c))
                 .ok_or_else(|| format!("bad Status header {value:?}"))?;
             status = Some(code);
             continue;

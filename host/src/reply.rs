@@ -80,10 +80,12 @@ pub struct ReplySocket {
 
 impl ReplySocket {
     /// Creates the directory and socket for one invocation whose command
-    /// may write at most `limit` body bytes. Log lines name `route` and
+    /// may write at most `limit` body bytes, owned by `owner` (uid, gid)
+    /// when the command runs as another user. Log lines name `route` and
     /// `request_id`.
     pub fn create(
         limit: u64,
+        owner: Option<(u32, Option<u32>)>,
         route: Arc<str>,
         request_id: Arc<str>,
     ) -> std::io::Result<ReplySocket> {
@@ -106,6 +108,19 @@ impl ReplySocket {
                 ));
             }
         };
+        // A command that runs as another user (`user:`) must be able to
+        // enter the directory and connect; still no one else can.
+        if let Some((uid, gid)) = owner {
+            for p in [&dir, &path] {
+                if let Err(e) = std::os::unix::fs::chown(p, Some(uid), gid) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot hand reply socket {} to uid {uid}: {e}", p.display()),
+                    ));
+                }
+            }
+        }
         let ended = CancellationToken::new();
         let task = tokio::spawn(serve(listener, limit, ended.clone(), route, request_id));
         Ok(ReplySocket {
@@ -286,9 +301,10 @@ fn parse_status_line(line: &str) -> Result<(u16, u64), ReplyError> {
     if parts.next().is_some() {
         return Err(bad());
     }
-    if !(100..=599).contains(&status) {
+    // 1xx are interim answers: no final response can have one.
+    if !(200..=599).contains(&status) {
         return Err(ReplyError::Malformed(format!(
-            "status {status} is not between 100 and 599"
+            "status {status} is not between 200 and 599"
         )));
     }
     Ok((status, len))
@@ -322,8 +338,13 @@ pub fn offer(
     if !command.reply_socket {
         return Ok(None);
     }
+    let owner = command
+        .lockdown
+        .as_ref()
+        .and_then(|l| l.uid.map(|uid| (uid, l.gid)));
     let socket = ReplySocket::create(
         command.max_output,
+        owner,
         inv.route.clone(),
         inv.request_id.clone(),
     )
@@ -426,7 +447,11 @@ mod tests {
             (b"EXECD-REPLY/1 200\n\n", "as the first line"),
             (
                 b"EXECD-REPLY/1 700 0\n\n",
-                "status 700 is not between 100 and 599",
+                "status 700 is not between 200 and 599",
+            ),
+            (
+                b"EXECD-REPLY/1 101 0\n\n",
+                "status 101 is not between 200 and 599",
             ),
             (b"EXECD-REPLY/1 200 0\nno colon\n\n", "has no `:`"),
             (b"EXECD-REPLY/1 200 0\nA: b\x01\n\n", "control character"),
@@ -453,7 +478,7 @@ mod tests {
     #[tokio::test]
     async fn socket_lives_in_a_private_directory_and_goes_away() {
         use std::os::unix::fs::PermissionsExt;
-        let s = ReplySocket::create(100, "t".into(), "r".into()).unwrap();
+        let s = ReplySocket::create(100, None, "t".into(), "r".into()).unwrap();
         let path = s.path().to_path_buf();
         let dir = path.parent().unwrap().to_path_buf();
         assert_eq!(
@@ -472,7 +497,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_sent_just_before_the_end_is_not_lost() {
-        let s = ReplySocket::create(100, "t".into(), "r".into()).unwrap();
+        let s = ReplySocket::create(100, None, "t".into(), "r".into()).unwrap();
         // Connect and write with a blocking socket, then end at once: the
         // connection may not have been reported to the listener yet.
         let mut c = std::os::unix::net::UnixStream::connect(s.path()).unwrap();

@@ -593,3 +593,34 @@ routes:
     let r = read_response(&mut s).await;
     assert_eq!((r.status, r.text().as_str()), (200, "slow"));
 }
+
+#[tokio::test]
+async fn a_reply_cannot_carry_an_interim_status_or_unbounded_headers() {
+    let server = start(
+        r#"
+  - url: /switch
+    output: cgi
+    shell: true
+    cmd: "printf 'Status: 101 Switching Protocols\r\n\r\nbody'"
+  - url: /many
+    output: cgi
+    shell: true
+    cmd: "i=0; while [ $$i -lt 25000 ]; do echo \"X-H$$i: v\"; i=$$((i+1)); done; printf '\nbody'"
+"#,
+    )
+    .await;
+    // A 1xx cannot be a final answer: the script broke the CGI contract.
+    let p = server.get("/switch").await.problem(502);
+    assert!(p["detail"].as_str().unwrap().contains("Status"), "{p}");
+    // 25,000 header lines: the answer comes, with the first 100 of them.
+    let r = server.get("/many").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "body"));
+    let set: Vec<&String> = r
+        .headers
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("x-h"))
+        .collect();
+    assert_eq!(set.len(), 100, "{:?}", &set[..set.len().min(5)]);
+    assert_eq!(set[0], "x-h0");
+}

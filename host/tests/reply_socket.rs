@@ -153,3 +153,26 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn a_command_run_as_another_user_can_answer_on_its_socket() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let s = start(
+        r#"
+  - url: /as-nobody
+    method: POST
+    user: nobody
+    reply-socket: true
+    expose-stderr: true
+    cmd: php {fixtures}/reply-socket.php
+"#,
+    )
+    .await;
+    let r = s.post("/as-nobody", br#"{"mode": "json", "n": 41}"#).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["answer"], 42);
+    assert_eq!(r.header("x-job"), Some("priced"));
+}

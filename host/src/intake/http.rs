@@ -580,7 +580,17 @@ fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
     *resp.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
+    let mut kept = 0;
     for (k, v) in reply.headers {
+        // What a script or a plugin may set; the map itself would give up
+        // (and panic) somewhere past 24,000 names.
+        if kept == MAX_REPLY_HEADERS {
+            tracing::warn!(
+                request_id,
+                "dropped the reply's headers past the first {MAX_REPLY_HEADERS}"
+            );
+            break;
+        }
         // Framing is the server's: a script's or a plugin's own length or
         // encoding would contradict the body sent, and a client (or a
         // proxy's pooled connection) would read the next response's bytes
@@ -594,6 +604,7 @@ fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
         ) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
+                kept += 1;
             }
             _ => tracing::warn!(request_id, header = %k, "dropped a header that is not valid HTTP"),
         }
@@ -603,6 +614,9 @@ fn to_response(reply: Reply, request_id: &str) -> Response<Full<Bytes>> {
     }
     resp
 }
+
+/// Most headers a reply keeps, as for a reply-socket frame.
+const MAX_REPLY_HEADERS: usize = 100;
 
 /// Headers that frame the message or manage the connection (RFC 9110
 /// 7.6.1, RFC 9112 6); hyper sets what the response needs.
