@@ -870,33 +870,41 @@ fn a_client_cannot_forge_log_lines_through_a_plugin() {
 /// calls past the bound wait for a slot, within their deadline, and end
 /// as timeouts like the rest; none fails as a trap for want of a slot.
 /// (The 5 s deadline keeps all 300 in flight together, even in a debug
-/// build where each instantiation is slow.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_calls_than_the_pool_holds_wait_instead_of_failing() {
+/// build where each instantiation is slow. The daemon runs as its own
+/// process: the bound is process-wide, and would hold up the plugin calls
+/// of the tests running beside this one.)
+#[test]
+fn more_calls_than_the_pool_holds_wait_instead_of_failing() {
+    let (port, admin) = (free_port(), free_port());
     let yaml = format!(
-        "listen: 127.0.0.1:0\nlimits: {{max-concurrency: 400}}\n{}routes:\n  - url: /nap\n    pre: [nap-pool]\n    cmd: /bin/true\n",
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nlimits: {{max-concurrency: 400}}\n{}routes:\n  - url: /nap\n    pre: [nap-pool]\n    cmd: /bin/true\n",
         plugins_yaml(&[(
             "nap-pool",
             "hostile",
             "    config: {mode: sleep}\n    timeout: 5s\n"
         )])
     );
-    let server = start(&yaml).await;
+    let (_dir, path) = write_config(&yaml);
+    let addr = format!("127.0.0.1:{port}");
+    let execd = Binary::serve(&[], &path, &addr);
     let calls = 300;
-    let answers = futures_util::future::join_all((0..calls).map(|_| {
-        let addr = server.addr.clone();
-        tokio::spawn(async move { request(&addr, "GET", "/nap", &[], b"").await.status })
-    }))
-    .await;
-    assert!(answers.iter().all(|s| *s.as_ref().unwrap() == 500));
-    let m = crate::ops::scrape(server.admin.as_deref().unwrap()).await;
-    let count = |result: &str| {
-        crate::ops::get(
-            &m,
-            &format!(
-                r#"execd_plugin_calls_total{{plugin="nap-pool",phase="pre",result="{result}"}}"#
-            ),
-        )
-    };
-    assert_eq!((count("timeout"), count("trap")), (calls as f64, 0.0));
+    block_on(async {
+        let answers = futures_util::future::join_all((0..calls).map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move { request(&addr, "GET", "/nap", &[], b"").await.status })
+        }))
+        .await;
+        assert!(answers.iter().all(|s| *s.as_ref().unwrap() == 500));
+        let m = crate::ops::scrape(&format!("127.0.0.1:{admin}")).await;
+        let count = |result: &str| {
+            crate::ops::get(
+                &m,
+                &format!(
+                    r#"execd_plugin_calls_total{{plugin="nap-pool",phase="pre",result="{result}"}}"#
+                ),
+            )
+        };
+        assert_eq!((count("timeout"), count("trap")), (calls as f64, 0.0));
+    });
+    assert_eq!(execd.terminate(), Some(0));
 }

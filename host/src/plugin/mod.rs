@@ -51,7 +51,8 @@ fn pagemap_scan() -> bool {
 
 /// Plugin calls running at once, daemon-wide. Each holds one component
 /// instance of the pool (256), and up to 8 core instances (1024) and 4
-/// memories (512); calls beyond wait for a slot.
+/// memories (512); calls beyond wait for a slot. The other half of the
+/// pool is headroom for the config checks of a reload.
 const CALLS_AT_ONCE: usize = 128;
 
 fn call_slots() -> &'static tokio::sync::Semaphore {
@@ -823,18 +824,23 @@ impl Plugin {
         load: impl FnOnce(&mut Store<CallState>, &Instance) -> wasmtime::Result<G>,
         call: impl AsyncFnOnce(&G, &mut Store<CallState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, PluginError> {
-        // A slot of the pool first: a call over the pool's size would fail
-        // as if the plugin had trapped. It waits instead, within its
-        // deadline.
-        let _slot = tokio::time::timeout(self.spec.timeout, call_slots().acquire())
-            .await
-            .map_err(|_| PluginError::Timeout(self.spec.timeout))?
-            .expect("the call semaphore is never closed");
         let mut store = self.store(route, request_id);
         let instance = self.instantiate(&mut store).await?;
         let guest = load(&mut store, &instance).map_err(|e| self.classify(e))?;
         let result = self.within_deadline(call(&guest, &mut store)).await;
         result?.map_err(PluginError::Rejected)
+    }
+
+    /// A place among the calls that may run at once: past the pool's size a
+    /// call would fail as if the plugin had trapped, so it waits instead,
+    /// within its deadline. Only request and message calls take one; the
+    /// config check at load uses the pool's headroom, so that a reload is
+    /// never refused because the daemon is busy.
+    async fn call_slot(&self) -> Result<tokio::sync::SemaphorePermit<'static>, PluginError> {
+        let permit = tokio::time::timeout(self.spec.timeout, call_slots().acquire())
+            .await
+            .map_err(|_| PluginError::Timeout(self.spec.timeout))?;
+        Ok(permit.expect("the call semaphore is never closed"))
     }
 
     /// Runs the pre phase.
@@ -848,6 +854,7 @@ impl Plugin {
             .as_ref()
             .expect("call_pre on a plugin without a pre phase");
         let ctx = self.context(info);
+        let _slot = self.call_slot().await?;
         self.on_fresh_instance(
             info.route,
             info.request_id,
@@ -870,6 +877,7 @@ impl Plugin {
             .as_ref()
             .expect("call_post on a plugin without a post phase");
         let ctx = self.context(info);
+        let _slot = self.call_slot().await?;
         self.on_fresh_instance(
             info.route,
             info.request_id,
