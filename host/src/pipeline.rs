@@ -474,7 +474,7 @@ fn from_wit_reply(r: wit::Reply, request_id: &str) -> Reply {
                 // HTTP would drop it anyway, AMQP and `execd run` would not.
                 let ok = !name.is_empty()
                     && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-                    && !value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f);
+                    && !crate::reply::has_control_char(value);
                 if !ok {
                     tracing::warn!(request_id, header = %name.escape_debug(), "dropped a header the plugin set: a bad name or a control character in its value");
                 }

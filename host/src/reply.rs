@@ -319,12 +319,18 @@ fn parse_header(line: &str) -> Result<(String, String), ReplyError> {
         return Err(ReplyError::Malformed(format!("bad header name {name:?}")));
     }
     let value = value.trim();
-    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+    if has_control_char(value) {
         return Err(ReplyError::Malformed(format!(
             "header {name} holds a control character"
         )));
     }
     Ok((name.to_ascii_lowercase(), value.to_string()))
+}
+
+/// Whether a header value holds a control character other than tab: one
+/// that would end its line early or smuggle bytes past it.
+pub fn has_control_char(value: &str) -> bool {
+    value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
 }
 
 /// Opens a reply socket for this invocation when its command asks for one,

@@ -175,16 +175,7 @@ async fn unix_socket_listener_answers() {
     ))
     .await;
     assert_eq!(server.addr, format!("unix:{}", sock.display()));
-    use tokio::io::AsyncWriteExt;
-    let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw)
-        .await
-        .unwrap();
-    let r = parse_response(&raw);
+    let r = unix_get(&sock, "/x").await;
     assert_eq!((r.status, r.text().as_str()), (200, "via unix\n"));
     server.stop(Duration::from_secs(1)).await;
     assert!(!sock.exists(), "the socket file is removed on shutdown");
@@ -393,18 +384,6 @@ async fn a_unix_socket_in_use_is_not_taken_and_not_removed_by_another_instance()
             sock.display()
         )
     };
-    let ask = |sock: std::path::PathBuf| async move {
-        use tokio::io::AsyncWriteExt;
-        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut raw)
-            .await
-            .unwrap();
-        parse_response(&raw).text()
-    };
     let first = start(&config("first")).await;
     // A second instance on the same path while the first one answers.
     let (_d, path) = write_config(&config("second"));
@@ -416,13 +395,17 @@ async fn a_unix_socket_in_use_is_not_taken_and_not_removed_by_another_instance()
         err.to_string().contains("another process is listening"),
         "{err}"
     );
-    assert_eq!(ask(sock.clone()).await, "first\n");
+    assert_eq!(unix_get(&sock, "/x").await.text(), "first\n");
     // A restart that overlaps: the new instance binds the path anew (its
     // operator removed the file), then the old one stops.
     std::fs::remove_file(&sock).unwrap();
     let second = start(&config("second")).await;
     first.stop(Duration::from_secs(1)).await;
-    assert_eq!(ask(sock.clone()).await, "second\n", "the new socket stays");
+    assert_eq!(
+        unix_get(&sock, "/x").await.text(),
+        "second\n",
+        "the new socket stays"
+    );
     second.stop(Duration::from_secs(1)).await;
     assert!(!sock.exists(), "its own socket file is removed on shutdown");
 }

@@ -191,6 +191,17 @@ pub async fn request(
     read_response(&mut s).await
 }
 
+/// `GET path` on a fresh connection to a unix-socket listener.
+pub async fn unix_get(sock: &Path, path: &str) -> Resp {
+    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    parse_response(&raw)
+}
+
 pub async fn read_response(s: &mut tokio::net::TcpStream) -> Resp {
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))

@@ -239,27 +239,20 @@ impl Drop for Record<'_> {
             &[("route", route_label)],
             elapsed,
         );
-        if self.status.is_some() {
-            tracing::info!(
-                route = route.unwrap_or("-"),
-                request_id = %self.request_id,
-                method = %self.method,
-                path = %self.path,
-                status,
-                ms = elapsed * 1000.0,
-                "request"
-            );
+        let message = if self.status.is_some() {
+            "request"
         } else {
-            tracing::info!(
-                route = route.unwrap_or("-"),
-                request_id = %self.request_id,
-                method = %self.method,
-                path = %self.path,
-                status,
-                ms = elapsed * 1000.0,
-                "request: the client closed the connection before the answer"
-            );
-        }
+            "request: the client closed the connection before the answer"
+        };
+        tracing::info!(
+            route = route.unwrap_or("-"),
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            status,
+            ms = elapsed * 1000.0,
+            "{message}"
+        );
     }
 }
 
